@@ -1,0 +1,174 @@
+"""The ``distillery`` command: argument parsing only; every command calls into the package.
+
+    distillery run                        # the main job on the default recipe
+    distillery train --role teacher       # train the teacher (or --role student: the student alone)
+    distillery distill --teacher runs/fmnist/teacher/checkpoint.pt
+    distillery eval runs/fmnist/student_distilled/checkpoint.pt
+
+Bad input (a config key, a value, a file) exits with code 2 and a message saying what and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from distillery.config import ConfigError, RunConfig, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="YAML",
+                        help="recipe file (default: the shipped recipe distillery/recipes/fmnist.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set distill.stages.0.method.temperature=8 "
+                             "(repeatable; values are parsed as YAML)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue unfinished runs from their checkpoints (finished ones are always reused)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move aside an output folder that holds a run of other settings, and start again")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillery", description="Knowledge distillation for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job: teacher, student alone, student distilled, one table",
+                       description="Train (or reuse) the teacher, train the student alone and distilled, "
+                                   "evaluate all three and write report.md, results.json and "
+                                   "learning_curves.png under <output_dir>/<name>/.")
+    _add_config_options(p)
+    _add_run_options(p)
+
+    p = sub.add_parser("train", help="train the teacher, or the student alone",
+                       description="Train one network with cross-entropy into <output_dir>/<name>/<role>/.")
+    _add_config_options(p)
+    _add_run_options(p)
+    p.add_argument("--role", choices=("teacher", "student"), default="teacher",
+                   help="teacher: teacher.model with teacher.train; student: student.model alone with student.train")
+
+    p = sub.add_parser("distill", help="train the student from a teacher checkpoint",
+                       description="Distil student.model through distill.stages into "
+                                   "<output_dir>/<name>/student_distilled/.")
+    _add_config_options(p)
+    _add_run_options(p)
+    p.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="teacher checkpoint (distillery checkpoint or state_dict); default: teacher.checkpoint, "
+                        "else the teacher trained in this run's folder")
+    p.add_argument("--method", metavar="NAME",
+                   help="shorthand for a single stage of this method with its default parameters")
+
+    p = sub.add_parser("eval", help="evaluate checkpoints on the test set",
+                       description="Top-1 accuracy and loss of each checkpoint on the configured test set.")
+    _add_config_options(p)
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="distillery checkpoint files")
+
+    sub.add_parser("models", help="list the registered model names")
+    sub.add_parser("methods", help="list the distillation methods and their parameters")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        from distillery.train import NonFiniteLossError, TrainingInterrupted
+
+        if isinstance(err, TrainingInterrupted):
+            print(str(err), file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(err, NonFiniteLossError):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_DIVERGED
+        if isinstance(err, (ConfigError, ValueError, FileNotFoundError)):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> RunConfig:
+    return load_config(args.config, [*args.overrides, *extra])
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from distillery import pipeline
+
+    if args.command == "models":
+        from distillery.models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    if args.command == "methods":
+        from distillery.methods import METHODS
+
+        for name, cls in sorted(METHODS.items()):
+            fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+            summary = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name}: {summary}" + (f"\n    {fields}" if fields else ""))
+        return 0
+
+    extra = []
+    if getattr(args, "method", None):
+        extra = ["distill.stages=" + json.dumps([{"method": {"name": args.method}}])]
+    if getattr(args, "teacher", None):
+        extra.append(f"teacher.checkpoint={args.teacher}")
+    config = _config(args, extra)
+    progress = not args.no_progress
+    if args.command == "eval":
+        return _eval(config, args.checkpoints)
+    data = pipeline.load_data(config)
+    common = {"progress": progress, "resume": args.resume, "overwrite": args.overwrite}
+    if args.command == "run":
+        result = pipeline.run_main_job(config, **common)
+        print(result.table_text)
+        print(f"distilled minus alone: {100 * result.gain:+.2f} points")
+        print(f"report: {result.report_path}\nplot:   {result.plot_path}")
+        return 0
+    if args.command == "train":
+        if args.role == "teacher":
+            trained, _ = pipeline.get_teacher(config, data, **common)
+        else:
+            trained = pipeline.train_student_alone(config, data, **common)
+    else:
+        if not config.teacher.checkpoint:
+            default = pipeline.Path(config.output_dir) / config.name / "teacher" / "checkpoint.pt"
+            if not default.exists():
+                raise ConfigError(f"distill needs a teacher: pass --teacher CHECKPOINT, set teacher.checkpoint, "
+                                  f"or train one first with `distillery train --role teacher` (looked for {default})")
+            config.teacher.checkpoint = str(default)
+        teacher, key = pipeline.get_teacher(config, data, **common)
+        trained = pipeline.distill_student(config, data, teacher, key, **common)
+    final = trained.history[-1] if trained.history else {}
+    print(f"{trained.role}: test accuracy {100 * final.get('test_accuracy', float('nan')):.2f} %  "
+          f"checkpoint {trained.run_dir / 'checkpoint.pt' if trained.run_dir else '-'}")
+    return 0
+
+
+def _eval(config: RunConfig, checkpoints: Sequence[str]) -> int:
+    from distillery import pipeline
+    from distillery.train import evaluate, resolve_device
+
+    _, test = pipeline.load_data(config)
+    device = resolve_device(config.device)
+    for path in checkpoints:
+        model, spec = pipeline.load_trained_model(path, None, test)
+        metrics = evaluate(model.to(device), test, config.data.eval_batch_size, device)
+        print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The interface every distillation method implements, and the frozen-teacher wrapper.
+
+A method is one small ``nn.Module`` (so learnable parts such as a FitNets regressor are trained and
+checkpointed with the student). Each training step it receives the student's and the teacher's
+outputs, including the features of the layers it asked to tap, and returns its loss terms by name,
+already weighted; the trainer minimises their sum and logs each term.
+
+    method = HintonKD(HintonKD.Params(temperature=4, kd_weight=0.9, ce_weight=0.1))
+    terms = method(student_out, teacher_out, targets)     # {"ce": ..., "kd": ...}
+    sum(terms.values()).backward()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from distillery.taps import FeatureTaps, check_layer_names
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class ModelOutputs:
+    """A forward pass: the logits and the tapped features by layer name."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class: set ``name``, ``Params`` and implement :meth:`forward`.
+
+    ``needs_teacher`` says whether a teacher network must be given. ``student_layers`` and
+    ``teacher_layers`` name the submodules whose outputs the method reads.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, params: MethodParams | None = None) -> None:
+        super().__init__()
+        self.params = params if params is not None else self.Params()
+        self.student_layers: tuple[str, ...] = ()
+        self.teacher_layers: tuple[str, ...] = ()
+
+    def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
+        """Check the pair and build any learnable parts, before training starts.
+
+        ``example`` is one input batch (on the training device) for shape inference. The default
+        checks the tapped layer names; methods extend it (and raise ``ValueError`` naming the layers
+        or sizes that do not fit).
+        """
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.name!r} needs a teacher")
+        check_layer_names(student, self.student_layers, "student")
+        if teacher is not None:
+            for member in teacher.members:
+                check_layer_names(member, self.teacher_layers, "teacher")
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class Teacher:
+    """One or more frozen networks: always in eval mode, never trained, run without grad.
+
+    Not an ``nn.Module`` on purpose: it can never be registered inside the student or a method,
+    so its parameters cannot reach an optimiser or a student checkpoint. An ensemble's members are
+    returned together: ``logits`` is M×N×K for M > 1 members (their features are the first
+    member's) and N×K for a single teacher.
+    """
+
+    def __init__(self, members: nn.Module | Sequence[nn.Module]) -> None:
+        self.members = [members] if isinstance(members, nn.Module) else list(members)
+        if not self.members:
+            raise ValueError("a teacher needs at least one network")
+        for member in self.members:
+            member.eval()
+            member.requires_grad_(False)
+
+    def to(self, device: torch.device | str) -> Teacher:
+        for member in self.members:
+            member.to(device)
+        return self
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @torch.no_grad()
+    def __call__(self, inputs: Tensor, layers: Sequence[str] = ()) -> ModelOutputs:
+        outputs = []
+        for member in self.members:
+            member.eval()  # guard against a caller having switched it back to training mode
+            with FeatureTaps(member, layers, "teacher") as taps:
+                logits = member(inputs)
+            outputs.append(ModelOutputs(logits, dict(taps.features)))
+        if not self.is_ensemble:
+            return outputs[0]
+        return ModelOutputs(torch.stack([o.logits for o in outputs]), outputs[0].features)
+
+
+def run_student(student: nn.Module, inputs: Tensor, layers: Sequence[str] = ()) -> ModelOutputs:
+    """The student's forward pass with its tapped features (with grad)."""
+    with FeatureTaps(student, layers, "student") as taps:
+        logits = student(inputs)
+    return ModelOutputs(logits, dict(taps.features))

@@ -1,0 +1,67 @@
+"""The model registry: names to factories, plus ``package.module:callable`` for user models."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a factory under its function name.
+
+    Factories take ``in_channels``, ``num_classes`` and ``input_size`` keywords (ignoring what they
+    don't need) plus their own options.
+    """
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    *,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    input_size: int = 28,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a model by registry name or ``"package.module:callable"``.
+
+    The callable form is called with ``**kwargs`` only: a user factory owns its own signature.
+    """
+    if ":" in name:
+        return _load_callable(name)(**kwargs)
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, _MODELS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} Known models: {', '.join(list_models())}; "
+            "or give a user model as 'package.module:callable'."
+        )
+    return _MODELS[name](in_channels=in_channels, num_classes=num_classes, input_size=input_size, **kwargs)
+
+
+def _load_callable(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for model {spec!r}: {err}") from err
+    try:
+        factory = getattr(module, attr)
+    except AttributeError as err:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r})") from err
+    if not callable(factory):
+        raise ValueError(f"model {spec!r} is not callable")
+    return factory

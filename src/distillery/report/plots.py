@@ -1,0 +1,37 @@
+"""Learning-curve plots (PNG) from the per-epoch metrics of runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                         title: str = "") -> Path:
+    """Test accuracy and training loss per epoch, one line per run. Returns the PNG's path."""
+    path = Path(path)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in histories.items():
+        if not history:
+            continue
+        epochs = list(range(1, len(history) + 1))
+        ax_acc.plot(epochs, [100 * r["test_accuracy"] for r in history], marker="o", ms=3, label=label)
+        ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3, label=label)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (method's total)", title="training loss", yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

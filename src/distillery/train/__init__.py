@@ -1,0 +1,25 @@
+"""Training: the loop, checkpoints, optimisers and schedules."""
+
+from distillery.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distillery.train.loop import (
+    NonFiniteLossError,
+    Stage,
+    Trainer,
+    TrainingInterrupted,
+    evaluate,
+    resolve_device,
+    seed_everything,
+)
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "Stage",
+    "Trainer",
+    "TrainingInterrupted",
+    "evaluate",
+    "load_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+    "seed_everything",
+]

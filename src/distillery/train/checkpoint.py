@@ -1,0 +1,101 @@
+"""Checkpoints: written atomically, loaded without unpickling arbitrary objects.
+
+A checkpoint is a dict of tensors and plain values. It is written to a temporary file in the same
+folder, flushed to disk, then renamed over the target: a crash at any moment leaves either the old
+checkpoint or the new one, never a half-written file. Loading uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, tampered with, or of the wrong kind."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Atomically write ``state`` (plus a format version) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _load_safely(path: Path, map_location: str | torch.device) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated, corrupt or unsafe files
+        raise CheckpointError(
+            f"{path}: cannot be loaded ({type(err).__name__}: {str(err)[:200]}). "
+            "The file is truncated, corrupt, or holds objects other than tensors and plain values."
+        ) from None
+
+
+def _is_run_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and state.get("format_version") == FORMAT_VERSION
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`; refuse anything else clearly."""
+    state = _load_safely(Path(path), map_location)
+    if not _is_run_checkpoint(state):
+        raise CheckpointError(f"{path}: not a distillery checkpoint (format_version {FORMAT_VERSION} expected)")
+    return state
+
+
+def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict | None]:
+    """Network weights from a distillery checkpoint or a plain ``state_dict`` file.
+
+    Returns ``(state_dict, meta)``; ``meta`` (the model spec and run details) is None for a plain
+    state_dict.
+    """
+    state = _load_safely(Path(path), map_location)
+    if _is_run_checkpoint(state):
+        return state["student"], state.get("meta", {})
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state, None
+    raise CheckpointError(f"{path}: neither a distillery checkpoint nor a state_dict of tensors")
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """``model.load_state_dict`` with a message that names the file and the mismatching keys."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:4]
+        raise CheckpointError(
+            f"{source}: the weights do not fit a {type(model).__name__} as configured (another architecture, "
+            f"width or class count?): {' '.join(line.strip() for line in first)[:400]}"
+        ) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distillery.methods import method_class
 
@@ -69,15 +69,6 @@ class MethodConfig(Section):
 
     model_config = ConfigDict(extra="allow")
     name: str = "hinton"
-
-    @model_validator(mode="after")
-    def _check_params(self) -> MethodConfig:
-        cls = method_class(self.name)
-        try:
-            cls.Params(**self.params)
-        except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix="", section=f"method {self.name!r}")) from None
-        return self
 
     @property
     def params(self) -> dict[str, Any]:
@@ -166,10 +157,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate the whole config, then each stage's method parameters against that method's schema."""
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, prefix="", section=source)) from None
+        raise ConfigError(_format_errors(err, prefix="", section=source, schema=RunConfig)) from None
+    for i, stage in enumerate(config.distill.stages):
+        where = f"distill.stages.{i}.method"
+        try:
+            cls = method_class(stage.method.name)
+        except ValueError as err:
+            raise ConfigError(f"{source}: invalid configuration\n  {where}.name: {err}") from None
+        try:
+            cls.Params(**stage.method.params)
+        except ValidationError as err:
+            raise ConfigError(
+                _format_errors(err, prefix=f"{where}.", section=f"{source} (method {cls.name!r})", schema=cls.Params)
+            ) from None
+    return config
 
 
 def default_recipe() -> Path:
@@ -207,13 +212,13 @@ def _list_index(part: str, node: list, where: str) -> int:
     return int(part)
 
 
-def _format_errors(err: ValidationError, prefix: str, section: str) -> str:
+def _format_errors(err: ValidationError, prefix: str, section: str, schema: type[BaseModel]) -> str:
     lines = [f"{section}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(e["loc"])
+            allowed = _allowed_keys(e["loc"], schema)
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"  {key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
@@ -224,9 +229,9 @@ def _format_errors(err: ValidationError, prefix: str, section: str) -> str:
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+def _allowed_keys(loc: tuple, schema: type[BaseModel]) -> list[str]:
     """The keys allowed at the section holding ``loc``'s last element, found by walking the schema."""
-    model: Any = RunConfig
+    model: Any = schema
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue

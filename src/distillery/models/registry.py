@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,10 +39,18 @@ def create_model(
 ) -> nn.Module:
     """Build a model by registry name or ``"package.module:callable"``.
 
-    The callable form is called with ``**kwargs`` only: a user factory owns its own signature.
+    A callable is given ``in_channels``, ``num_classes`` and ``input_size`` only if its signature
+    names them (and ``kwargs`` does not), so any ``nn.Module`` class or factory works.
     """
     if ":" in name:
-        return _load_callable(name)(**kwargs)
+        factory = _load_callable(name)
+        data_args = {"in_channels": in_channels, "num_classes": num_classes, "input_size": input_size}
+        try:
+            accepted = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        extra = {k: v for k, v in data_args.items() if k in accepted and k not in kwargs}
+        return factory(**extra, **kwargs)
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -57,7 +57,8 @@ class AugmentConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch size: under torchrun each of the N processes "
+                            "takes batch_size / N examples per step (must divide evenly)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -119,6 +120,8 @@ class RunConfig(Section):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
     deterministic: bool = Field(False, description="use only deterministic kernels (slower on CUDA)")
     amp: bool = Field(False, description="mixed precision (CUDA only; ignored elsewhere)")
+    sync_batchnorm: bool = Field(False, description="under torchrun on CUDA, normalise BatchNorm over the global "
+                                 "batch (SyncBatchNorm) instead of each process's share")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: StudentConfig

@@ -34,7 +34,7 @@ from distillery.report import (
     text_table,
     throughput,
 )
-from distillery.train import Stage, Trainer, evaluate, load_checkpoint, resolve_device, seed_everything
+from distillery.train import Stage, Trainer, distributed, evaluate, load_checkpoint, resolve_device, seed_everything
 from distillery.train.checkpoint import CheckpointError, load_model_state, load_weights
 from distillery.train.loop import CHECKPOINT_NAME
 
@@ -126,7 +126,8 @@ def train_model(
         "seed": config.seed,
         "teacher": teacher_key,
     })
-    action = prepare_run_dir(run_dir, key, resume=resume, overwrite=overwrite)
+    # Distributed: rank 0 alone inspects (and may move aside) the folder; every rank gets its decision.
+    action = distributed.current().on_main(lambda: prepare_run_dir(run_dir, key, resume=resume, overwrite=overwrite))
     device = resolve_device(config.device)
     seed_everything(config.seed, config.deterministic)
     model = build_model(model_config, train_data)
@@ -134,6 +135,7 @@ def train_model(
     trainer = Trainer(
         model, train_data, test_data, stages, teacher=teacher, run_dir=run_dir, device=device, seed=config.seed,
         amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role, progress=progress,
+        sync_batchnorm=config.sync_batchnorm,
         meta={"model": model_config.model_dump(mode="json"), "fingerprint": key, "role": role,
               "dataset": config.data.dataset, "num_classes": train_data.num_classes},
     )
@@ -187,10 +189,11 @@ class MainJobResult:
 
 
 def run_main_job(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> MainJobResult:
+                 progress: bool = True) -> MainJobResult | None:
     """Teacher (trained or reused), student alone, student distilled; then one comparison table.
 
     Writes ``report.md``, ``results.json`` and ``learning_curves.png`` under ``<output_dir>/<name>/``.
+    Under torchrun all ranks train; rank 0 alone measures and writes the report (others return None).
     """
     started = time.perf_counter()
     data = load_data(config)
@@ -198,6 +201,8 @@ def run_main_job(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     teacher, teacher_key = get_teacher(config, data, **common)
     alone = train_student_alone(config, data, **common)
     distilled = distill_student(config, data, teacher, teacher_key, **common)
+    if not distributed.current().is_main:
+        return None
     device = resolve_device(config.device)
     test = data[1]
     input_shape = tuple(test.images.shape[1:])

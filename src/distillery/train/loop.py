@@ -227,6 +227,10 @@ class Trainer:
                 return self.history
             self.echo(f"[{self.label}] resuming at stage {position.stage + 1}, epoch {position.epoch + 1}, "
                       f"step {position.step}")
+        elif self.dist.rank > 0:
+            # Distributed: DDP gives every rank rank 0's initial weights; dropout masks should differ
+            # per rank, so each rank > 0 draws from its own stream (checkpointed per rank).
+            torch.manual_seed(torch.initial_seed() + self.dist.rank)
         if self.writes_files:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._rewrite_metrics()

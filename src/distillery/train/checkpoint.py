@@ -36,6 +36,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files left by earlier writers of ``path`` that were killed mid-write
+    (kill -9 skips the cleanup above); one run writes one checkpoint path at a time."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:

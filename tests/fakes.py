@@ -46,3 +46,10 @@ def write_fake_fmnist(root: Path, n_train: int = 64, n_test: int = 32, seed: int
         write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
     return root
+
+
+def five_class_mlp(**kwargs) -> torch.nn.Module:
+    """A user model (``fakes:five_class_mlp``) for a 5-class task: a teacher of another task."""
+    from distillery.models.mlp import MLP
+
+    return MLP(28 * 28, [16], num_classes=5)

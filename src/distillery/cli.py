@@ -185,8 +185,9 @@ def _eval(config: RunConfig, checkpoints: Sequence[str]) -> int:
 
     _, test = pipeline.load_data(config)
     device = resolve_device(config.device)
+    trusted = {config.teacher.model.name, config.student.model.name}
     for path in checkpoints:
-        model, spec = pipeline.load_trained_model(path, None, test)
+        model, spec = pipeline.load_trained_model(path, None, test, trusted_models=trusted)
         metrics = evaluate(model.to(device), test, config.data.eval_batch_size, device)
         print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
     return 0

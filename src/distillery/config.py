@@ -77,7 +77,8 @@ class MethodConfig(Section):
         try:
             cls.Params(**self.params)
         except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix="", section=f"method {self.name!r}")) from None
+            message = _format_errors(err, prefix="", section=f"method {self.name!r}", root=cls.Params)
+            raise ValueError(message) from None
         return self
 
     @property
@@ -210,26 +211,27 @@ def _list_index(part: str, node: list, where: str) -> int:
     return int(part)
 
 
-def _format_errors(err: ValidationError, prefix: str, section: str) -> str:
+def _format_errors(err: ValidationError, prefix: str, section: str, root: type[BaseModel] | None = None) -> str:
     lines = [f"{section}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(e["loc"])
+            allowed = _allowed_keys(e["loc"], root or RunConfig)
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"  {key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
         else:
             got = e.get("input")
-            got_text = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
-            lines.append(f"  {key}: {e['msg']}{got_text}")
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = isinstance(got, dict) or got is None or repr(got) in msg
+            lines.append(f"  {key}: {msg}{'' if shown else f' (got {got!r})'}")
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
+def _allowed_keys(loc: tuple, root: type[BaseModel]) -> list[str]:
     """The keys allowed at the section holding ``loc``'s last element, found by walking the schema."""
-    model: Any = RunConfig
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue

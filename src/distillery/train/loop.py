@@ -132,6 +132,18 @@ def shard(data: ImageDataset, dist: DistContext) -> ImageDataset:
                         data.mean, data.std, data.num_classes)
 
 
+@torch.no_grad()
+def _check_output_classes(model: nn.Module, example: Tensor, num_classes: int, label: str) -> None:
+    """The trained network needs an output per class of the data (cross-entropy would fail obscurely)."""
+    was_training = model.training
+    model.eval()
+    outputs = model(example[:2]).shape[-1]
+    model.train(was_training)
+    if outputs < num_classes:
+        raise ValueError(f"[{label}] the network outputs {outputs} classes but the data has {num_classes} classes; "
+                         "build it for the dataset's classes")
+
+
 class _StudentWithMethod(nn.Module):
     """The student and the method as one module, so DistributedDataParallel synchronises the
     gradients of both (a method may hold learnable parts, such as a FitNets regressor)."""
@@ -201,6 +213,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         example = next(self.test_loader.epoch(0)).inputs[:8]
+        _check_output_classes(self.student, example, train_data.num_classes, label)
         for stage in self.stages:
             stage.method.to(self.device)
             stage.method.setup(self.student, self.teacher, example)

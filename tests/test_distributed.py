@@ -7,6 +7,9 @@ only in float summation order (per-rank gradients are averaged): tolerance 1e-5.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import signal
 import socket
@@ -16,9 +19,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from fakes import random_dataset, train_config
+from fakes import random_dataset, train_config, write_fake_fmnist
 from torch import Tensor, nn
 
+from distillery.cli import main
 from distillery.methods import Teacher, create_method
 from distillery.methods.base import Method, ModelOutputs
 from distillery.models import create_model
@@ -87,6 +91,22 @@ def _worker(rank: int, port: int, out: str) -> None:
         resumed.fit(resume=True)
         torch.save({"student": resumed.student.state_dict(), "stopped": stopped, "history": resumed.history},
                    out_dir / f"cut_rank{rank}.pt")
+        # The CLI inside the group: a run, then the same folder with other settings (bad input on rank 0's
+        # side of the folder check must stop every rank with the same error).
+        cli = {}
+        for label, epochs in (("ok", 1), ("clash", 2)):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(["train", "--role", "student", "--no-progress", *_set(
+                    f"output_dir={out_dir / 'cli'}", f"data.root={out_dir / 'data'}", "data.eval_batch_size=64",
+                    "student.model={name: mlp, kwargs: {hidden: [8]}}",
+                    f"student.train={{epochs: {epochs}, batch_size: 32}}")])
+            cli[label] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+        (out_dir / f"cli_rank{rank}.json").write_text(json.dumps(cli))
+
+
+def _set(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
 
 
 def _free_port() -> int:
@@ -98,6 +118,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    write_fake_fmnist(out / "data", n_train=64, n_test=32)
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     torch.set_num_threads(1)
     single = make_trainer(out / "single")
@@ -157,3 +178,17 @@ def test_global_batch_must_divide_over_ranks():
     trainer = make_trainer(None, dist=ddist.DistContext(rank=0, world_size=3))
     with pytest.raises(ValueError, match="batch_size 32 is the global batch and must be divisible by the 3"):
         trainer._rank_batch_size(32, 0)
+
+
+def test_the_cli_under_the_process_group(runs):
+    out = runs[0]
+    cli = [json.loads((out / f"cli_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [c["ok"]["code"] for c in cli] == [0, 0]
+    assert "student_alone: test accuracy" in cli[0]["ok"]["stdout"] and cli[1]["ok"]["stdout"] == ""  # rank 0 prints
+    run_dir = out / "cli" / "fmnist" / "student_alone"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    # rank 0 found a run of other settings; both ranks exit 2 with its message
+    assert [c["clash"]["code"] for c in cli] == [2, 2]
+    errors = [c["clash"]["stderr"] for c in cli]
+    assert errors[0].startswith("error: ") and "holds a run made from other settings" in errors[0]
+    assert errors[1].startswith("[rank 1] error: ") and "holds a run made from other settings" in errors[1]

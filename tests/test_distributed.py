@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -26,7 +28,7 @@ from distillery.cli import main
 from distillery.methods import Teacher, create_method
 from distillery.methods.base import Method, ModelOutputs
 from distillery.models import create_model
-from distillery.train import Stage, Trainer, TrainingInterrupted
+from distillery.train import NonFiniteLossError, Stage, Trainer, TrainingInterrupted
 from distillery.train import distributed as ddist
 from distillery.train.checkpoint import load_checkpoint
 
@@ -43,25 +45,27 @@ class Probe(Method):
     name = "probe"
     needs_teacher = False
 
-    def __init__(self, signal_at: int | None = None) -> None:
+    def __init__(self, signal_at: int | None = None, nan_at: int | None = None) -> None:
         super().__init__()
         self.student_layers = ("hidden1",)
         self.readout = nn.Linear(16, 4)
-        self.signal_at = signal_at
+        self.signal_at, self.nan_at = signal_at, nan_at
         self.calls = 0
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
         self.calls += 1
-        if self.signal_at is not None and self.calls == self.signal_at:
+        if self.calls == self.signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return {"probe_ce": F.cross_entropy(self.readout(student.features["hidden1"]), targets)}
+        loss = F.cross_entropy(self.readout(student.features["hidden1"]), targets)
+        return {"probe_ce": loss * math.inf if self.calls == self.nan_at else loss}
 
 
-def make_trainer(run_dir: Path, signal_at: int | None = None, dist: ddist.DistContext | None = None) -> Trainer:
+def make_trainer(run_dir: Path, signal_at: int | None = None, dist: ddist.DistContext | None = None,
+                 nan_at: int | None = None) -> Trainer:
     torch.manual_seed(0)
     student = create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=[16, 16])
     teacher = create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=[32])
-    stages = [Stage(Probe(signal_at), train_config(epochs=2, batch_size=32)),
+    stages = [Stage(Probe(signal_at, nan_at), train_config(epochs=2, batch_size=32)),
               Stage(create_method("hinton", temperature=2.0), train_config(epochs=2, batch_size=32))]
     # 250 examples: 7 global batches of 32 per epoch, 26 dropped (a different 26 each epoch);
     # 51 test examples: shards of 26 and 25.
@@ -87,6 +91,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             stopped = False
         except TrainingInterrupted:
             stopped = True
+        if rank == 0:  # for a resume by a single process
+            shutil.copy(out_dir / "cut" / "checkpoint.pt", out_dir / "cut_midway.pt")
+        ctx.barrier()
         resumed = make_trainer(out_dir / "cut")
         resumed.fit(resume=True)
         torch.save({"student": resumed.student.state_dict(), "stopped": stopped, "history": resumed.history},
@@ -103,6 +110,14 @@ def _worker(rank: int, port: int, out: str) -> None:
                     f"student.train={{epochs: {epochs}, batch_size: 32}}")])
             cli[label] = {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
         (out_dir / f"cli_rank{rank}.json").write_text(json.dumps(cli))
+        # An infinite loss on rank 1 only (stage 1, epoch 2, step 3) stops both ranks.
+        diverging = make_trainer(out_dir / "nan", nan_at=10 if rank == 1 else None)
+        try:
+            diverging.fit()
+            message = ""
+        except NonFiniteLossError as err:
+            message = str(err)
+        (out_dir / f"nan_rank{rank}.txt").write_text(message)
 
 
 def _set(*items: str) -> list[str]:
@@ -192,3 +207,22 @@ def test_the_cli_under_the_process_group(runs):
     errors = [c["clash"]["stderr"] for c in cli]
     assert errors[0].startswith("error: ") and "holds a run made from other settings" in errors[0]
     assert errors[1].startswith("[rank 1] error: ") and "holds a run made from other settings" in errors[1]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both(runs):
+    out = runs[0]
+    messages = [(out / f"nan_rank{r}.txt").read_text() for r in range(WORLD)]
+    assert "loss term 'probe_ce' is inf at stage 1, epoch 2, step 3" in messages[1]
+    assert "became NaN or infinite on another rank at stage 1, epoch 2, step 3" in messages[0]
+    state = load_checkpoint(out / "nan" / "checkpoint.pt")
+    assert state["position"] == {"stage": 0, "epoch": 1, "step": 0}  # the last good one: end of epoch 1
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    out, single = runs[0], runs[1]
+    shutil.copy(out / "cut_midway.pt", tmp_path / "checkpoint.pt")
+    assert not load_checkpoint(tmp_path / "checkpoint.pt")["complete"]
+    torch.set_num_threads(1)
+    resumed = make_trainer(tmp_path)
+    resumed.fit(resume=True)
+    assert _max_diff(resumed.student.state_dict(), single.student.state_dict()) < TOLERANCE

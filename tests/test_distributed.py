@@ -118,6 +118,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         except NonFiniteLossError as err:
             message = str(err)
         (out_dir / f"nan_rank{rank}.txt").write_text(message)
+        # BatchNorm: per-rank batch statistics, but rank 0's running statistics end up on every rank.
+        torch.manual_seed(0)
+        cnn = create_model("cnn", in_channels=1, num_classes=4, input_size=8, width=4, fc_width=8, dropout=0.0)
+        Trainer(cnn, random_dataset(128, seed=1), random_dataset(16, seed=2),
+                [Stage(create_method("ce"), train_config(epochs=1, batch_size=32))],
+                progress=False, echo=lambda line: None).fit()
+        torch.save(cnn.state_dict(), out_dir / f"bn_rank{rank}.pt")
 
 
 def _set(*items: str) -> list[str]:
@@ -226,3 +233,10 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     resumed = make_trainer(tmp_path)
     resumed.fit(resume=True)
     assert _max_diff(resumed.student.state_dict(), single.student.state_dict()) < TOLERANCE
+
+
+def test_batchnorm_buffers_are_identical_on_both_ranks(runs):
+    out = runs[0]
+    states = [torch.load(out / f"bn_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert any("running_mean" in k for k in states[0])
+    assert _max_diff(states[0], states[1]) == 0.0

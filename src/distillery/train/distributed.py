@@ -89,12 +89,13 @@ class DistContext:
         dist.all_gather(out, tensor)
         return out
 
-    def broadcast_module_state(self, module: nn.Module) -> None:
-        """Copy rank 0's parameters and buffers (e.g. BatchNorm running statistics) to every rank."""
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Copy rank 0's buffers (e.g. BatchNorm running statistics) to every rank (DDP keeps the
+        parameters equal; buffers updated in the last forward of each rank differ)."""
         if not self.enabled:
             return
         with torch.no_grad():
-            for tensor in [*module.parameters(), *module.buffers()]:
+            for tensor in module.buffers():
                 dist.broadcast(tensor.data, src=0)
 
     def on_main(self, fn: Callable[[], T]) -> T:

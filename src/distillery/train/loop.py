@@ -326,13 +326,12 @@ class Trainer:
                         bar.close()
                         raise TrainingInterrupted(
                             f"[{self.label}] stopped by signal {self._stop_signal or 'on another rank'}; "
-                            f"checkpoint saved to "
-                            f"{self.checkpoint_path}. Continue with --resume."
+                            f"checkpoint saved to {self.checkpoint_path}. Continue with --resume."
                         )
             bar.close()
             self._check_finite(terms, Position(s, epoch, len(loader) - 1))
             sums.seconds += time.perf_counter() - tick
-            self.dist.broadcast_module_state(self._net)  # BN running statistics of rank 0 everywhere
+            self.dist.broadcast_buffers(self._net)  # rank 0's BatchNorm running statistics everywhere
             record = self._epoch_record(s, epoch, self._reduced(sums))
             self.history.append(record)
             self._append_metrics(record)
@@ -378,18 +377,17 @@ class Trainer:
             if check:
                 self._check_finite(terms, at)
             return self._stop_signal is not None
-        if not check:
-            return False
-        self._check_finite(terms, at)
-        return bool(self.dist.all_reduce_max(torch.tensor([float(self._stop_signal is not None)])).item())
+        return check and self._check_finite(terms, at)
 
-    def _check_finite(self, terms: dict[str, Tensor], at: Position) -> None:
+    def _check_finite(self, terms: dict[str, Tensor], at: Position) -> bool:
+        """Raise :class:`NonFiniteLossError` if a loss term is NaN or infinite; return whether a stop
+        signal arrived (under DDP: on any rank, both learnt in one all-reduce)."""
         bad = {name: value for name, value in terms.items() if not torch.isfinite(value).all()}
-        if self.dist.enabled:  # --- Distributed: a NaN on any rank stops every rank
-            flag = torch.tensor([float(bool(bad))], device=self.device)
-            if not self.dist.all_reduce_max(flag).item():
-                return
-            if not bad:
+        stop = self._stop_signal is not None
+        if self.dist.enabled:  # --- Distributed: a NaN or a signal on any rank concerns every rank
+            flags = torch.tensor([float(bool(bad)), float(stop)], device=self.device)
+            any_bad, stop = (bool(f) for f in self.dist.all_reduce_max(flags).tolist())
+            if any_bad and not bad:
                 raise NonFiniteLossError(f"[{self.label}] a loss term became NaN or infinite on another rank at "
                                          f"stage {at.stage + 1}, epoch {at.epoch + 1}, step {at.step + 1}")
         for name, value in bad.items():
@@ -398,6 +396,7 @@ class Trainer:
                 f"[{self.label}] loss term {name!r} is {value.item()} at stage {at.stage + 1}, "
                 f"epoch {at.epoch + 1}, step {at.step + 1}{kept}. Lower the learning rate or check the data."
             )
+        return stop
 
     def _reduced(self, sums: _EpochSums) -> _EpochSums:
         """The epoch sums of all ranks (this rank's own in one process)."""
@@ -438,7 +437,7 @@ class Trainer:
         if not self.checkpoint_path:
             return
         sums = self._reduced(sums or _EpochSums())
-        rank_rngs = self.dist.all_gather(torch.get_rng_state())
+        rank_rngs = [t.cpu() for t in self.dist.all_gather(torch.get_rng_state().to(self.device))]  # nccl: on GPU
         if not self.dist.is_main:
             self.dist.barrier()
             return

@@ -1,8 +1,9 @@
 """Distributed data-parallel set-up and teardown on top of ``torch.distributed`` (launched by torchrun).
 
     torchrun --nproc_per_node=2 -m distillery distill --teacher runs/fmnist/teacher/checkpoint.pt
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --rdzv_backend=c10d \\
-             --rdzv_endpoint=HOST:29500 -m distillery run          # the same on every node
+    # two nodes: run on each, with --node_rank 0 on HOST and 1 on the other
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --master_addr=HOST --master_port=29500 \\
+             -m distillery run
 
 torchrun starts one process per device and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`session` reads them, joins the process group (gloo on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ import torch
 from distillery.data import ImageDataset
 
 torch.set_num_threads(2)
+
+# The helpers in tests/fakes.py, importable from every test file and from spawned workers.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def make_images(n: int, num_classes: int = 10, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

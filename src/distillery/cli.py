@@ -88,15 +88,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from distillery.train import NonFiniteLossError, TrainingInterrupted
 
         if isinstance(err, TrainingInterrupted):
-            print(str(err), file=sys.stderr)
+            print(_rank_prefix() + str(err), file=sys.stderr)
             return EXIT_INTERRUPTED
         if isinstance(err, NonFiniteLossError):
-            print(f"error: {err}", file=sys.stderr)
+            print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
             return EXIT_DIVERGED
         if isinstance(err, (ConfigError, ValueError, FileNotFoundError)):
-            print(f"error: {err}", file=sys.stderr)
+            print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` in a torchrun process other than rank 0, so repeated messages can be told apart."""
+    import os
+
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {rank}] " if world != "1" and rank != "0" else ""
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> RunConfig:
@@ -104,7 +112,6 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> RunConfig:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from distillery import pipeline
 
     if args.command == "models":
         from distillery.models import list_models
@@ -129,10 +136,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.command == "eval":
         return _eval(config, args.checkpoints)
+    from distillery.train import distributed
+
+    # Distributed: under torchrun every process joins the group here (gloo on CPU, nccl on CUDA);
+    # all train, rank 0 alone prints and writes.
+    with distributed.session(config.device) as ctx:
+        return _train_commands(args, config, progress, ctx.is_main)
+
+
+def _train_commands(args: argparse.Namespace, config: RunConfig, progress: bool, is_main: bool) -> int:
+    from distillery import pipeline
+
     data = pipeline.load_data(config)
     common = {"progress": progress, "resume": args.resume, "overwrite": args.overwrite}
     if args.command == "run":
         result = pipeline.run_main_job(config, **common)
+        if result is None:  # not rank 0
+            return 0
         print(result.table_text)
         print(f"distilled minus alone: {100 * result.gain:+.2f} points")
         print(f"report: {result.report_path}\nplot:   {result.plot_path}")
@@ -152,6 +172,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         teacher, key = pipeline.get_teacher(config, data, **common)
         trained = pipeline.distill_student(config, data, teacher, key, **common)
     final = trained.history[-1] if trained.history else {}
+    if not is_main:
+        return 0
     print(f"{trained.role}: test accuracy {100 * final.get('test_accuracy', float('nan')):.2f} %  "
           f"checkpoint {trained.run_dir / 'checkpoint.pt' if trained.run_dir else '-'}")
     return 0
@@ -163,8 +185,9 @@ def _eval(config: RunConfig, checkpoints: Sequence[str]) -> int:
 
     _, test = pipeline.load_data(config)
     device = resolve_device(config.device)
+    trusted = {config.teacher.model.name, config.student.model.name}
     for path in checkpoints:
-        model, spec = pipeline.load_trained_model(path, None, test)
+        model, spec = pipeline.load_trained_model(path, None, test, trusted_models=trusted)
         metrics = evaluate(model.to(device), test, config.data.eval_batch_size, device)
         print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
     return 0

@@ -57,7 +57,8 @@ class AugmentConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="global batch size: under torchrun each of the N processes "
+                            "takes batch_size / N examples per step (must divide evenly)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -110,6 +111,8 @@ class RunConfig(Section):
     device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
     deterministic: bool = Field(False, description="use only deterministic kernels (slower on CUDA)")
     amp: bool = Field(False, description="mixed precision (CUDA only; ignored elsewhere)")
+    sync_batchnorm: bool = Field(False, description="under torchrun on CUDA, normalise BatchNorm over the global "
+                                 "batch (SyncBatchNorm) instead of each process's share")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig
     student: StudentConfig
@@ -224,8 +227,9 @@ def _format_errors(err: ValidationError, prefix: str, section: str, schema: type
             lines.append(f"  {key}: unknown key.{hint} Allowed here: {', '.join(allowed)}")
         else:
             got = e.get("input")
-            got_text = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
-            lines.append(f"  {key}: {e['msg']}{got_text}")
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = isinstance(got, dict) or got is None or repr(got) in msg
+            lines.append(f"  {key}: {msg}{'' if shown else f' (got {got!r})'}")
     return "\n".join(lines)
 
 

@@ -12,11 +12,13 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from distillery.config import ModelConfig, RunConfig, TrainConfig, fingerprint
@@ -34,7 +36,7 @@ from distillery.report import (
     text_table,
     throughput,
 )
-from distillery.train import Stage, Trainer, evaluate, load_checkpoint, resolve_device, seed_everything
+from distillery.train import Stage, Trainer, distributed, evaluate, load_checkpoint, resolve_device, seed_everything
 from distillery.train.checkpoint import CheckpointError, load_model_state, load_weights
 from distillery.train.loop import CHECKPOINT_NAME
 
@@ -62,18 +64,35 @@ def load_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
 
 
 def build_model(spec: ModelConfig, data: ImageDataset) -> nn.Module:
-    return create_model(spec.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                        input_size=data.input_size, **spec.kwargs)
+    try:
+        return create_model(spec.name, in_channels=data.in_channels, num_classes=data.num_classes,
+                            input_size=data.input_size, **spec.kwargs)
+    except TypeError as err:  # an option the factory does not take, or a missing one
+        raise ValueError(f"model {spec.name!r} cannot be built with kwargs {spec.kwargs}: {err}") from None
 
 
-def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDataset) -> tuple[nn.Module, ModelConfig]:
+def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDataset,
+                       trusted_models: Collection[str] = ()) -> tuple[nn.Module, ModelConfig]:
     """A network from a distillery checkpoint (built from its own model spec unless ``spec`` is
-    given) or from a plain ``state_dict`` file (``spec`` required)."""
+    given) or from a plain ``state_dict`` file (``spec`` required).
+
+    A spec read from the file may name only a registered model, or a ``package.module:callable``
+    listed in ``trusted_models`` (the user's own config): otherwise a tampered file could make us
+    import and call any function with arguments of its choosing.
+    """
     weights, meta = load_weights(path)
     if spec is None:
         if meta is None:
             raise CheckpointError(f"{path}: a plain state_dict needs the model named in the config")
-        spec = ModelConfig.model_validate(meta["model"])
+        try:
+            spec = ModelConfig.model_validate(meta["model"])
+        except (KeyError, TypeError, ValidationError):
+            raise CheckpointError(f"{path}: its model description is missing or malformed") from None
+        if ":" in spec.name and spec.name not in trusted_models:
+            raise CheckpointError(
+                f"{path}: the checkpoint names the user model {spec.name!r}; code named by a file is not imported. "
+                "Name the same model in your config (teacher.model or student.model) to allow it."
+            )
     model = build_model(spec, data)
     load_model_state(model, weights, str(path))
     return model, spec
@@ -126,14 +145,16 @@ def train_model(
         "seed": config.seed,
         "teacher": teacher_key,
     })
-    action = prepare_run_dir(run_dir, key, resume=resume, overwrite=overwrite)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device)  # bad input fails before any folder is touched
     seed_everything(config.seed, config.deterministic)
     model = build_model(model_config, train_data)
+    # Distributed: rank 0 alone inspects (and may move aside) the folder; every rank gets its decision.
+    action = distributed.current().on_main(lambda: prepare_run_dir(run_dir, key, resume=resume, overwrite=overwrite))
     stages = [Stage(create_method(name, **params), train) for name, params, train in stages_spec]
     trainer = Trainer(
         model, train_data, test_data, stages, teacher=teacher, run_dir=run_dir, device=device, seed=config.seed,
         amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role, progress=progress,
+        sync_batchnorm=config.sync_batchnorm,
         meta={"model": model_config.model_dump(mode="json"), "fingerprint": key, "role": role,
               "dataset": config.data.dataset, "num_classes": train_data.num_classes},
     )
@@ -187,10 +208,11 @@ class MainJobResult:
 
 
 def run_main_job(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> MainJobResult:
+                 progress: bool = True) -> MainJobResult | None:
     """Teacher (trained or reused), student alone, student distilled; then one comparison table.
 
     Writes ``report.md``, ``results.json`` and ``learning_curves.png`` under ``<output_dir>/<name>/``.
+    Under torchrun all ranks train; rank 0 alone measures and writes the report (others return None).
     """
     started = time.perf_counter()
     data = load_data(config)
@@ -198,6 +220,8 @@ def run_main_job(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     teacher, teacher_key = get_teacher(config, data, **common)
     alone = train_student_alone(config, data, **common)
     distilled = distill_student(config, data, teacher, teacher_key, **common)
+    if not distributed.current().is_main:
+        return None
     device = resolve_device(config.device)
     test = data[1]
     input_shape = tuple(test.images.shape[1:])

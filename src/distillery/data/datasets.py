@@ -77,9 +77,13 @@ class ImageDataset:
         return ImageDataset(self.images[keep], self.labels[keep], self.mean, self.std, self.num_classes)
 
 
+def _roots(root: Path | None, name: str) -> list[Path]:
+    """Where to look: the given root only (never silently another copy), else the system folder."""
+    return [root] if root is not None else [SYSTEM_ROOTS[name]]
+
+
 def _find(root: Path | None, name: str, stem: str) -> Path | None:
-    roots = [r for r in (root, SYSTEM_ROOTS.get(name)) if r is not None]
-    for r in roots:
+    for r in _roots(root, name):
         for candidate in (r / f"{stem}.gz", r / stem):
             if candidate.is_file():
                 return candidate
@@ -89,8 +93,8 @@ def _find(root: Path | None, name: str, stem: str) -> Path | None:
 def load_idx_dataset(name: str, split: str, root: str | Path | None = None) -> ImageDataset:
     """Load the train or test split of ``fashion_mnist`` or ``mnist`` from idx files.
 
-    Looks in ``root`` first, then in the Debian package's folder. A missing, truncated or corrupt
-    file raises :class:`DatasetNotFoundError` naming every file looked for and how to get them.
+    Looks in ``root`` if given, else in the Debian package's folder. A missing, truncated, corrupt
+    or empty file raises :class:`DatasetNotFoundError` naming every file looked for and how to get them.
     """
     if name not in SYSTEM_ROOTS:
         raise ValueError(f"unknown dataset {name!r}; built-in datasets: {', '.join(SYSTEM_ROOTS)}")
@@ -101,7 +105,7 @@ def load_idx_dataset(name: str, split: str, root: str | Path | None = None) -> I
     for stem in FILES[split]:
         path = _find(root, name, stem)
         if path is None:
-            searched = [str(r / f"{stem}[.gz]") for r in (root, SYSTEM_ROOTS[name]) if r is not None]
+            searched = [str(r / f"{stem}[.gz]") for r in _roots(root, name)]
             raise DatasetNotFoundError(
                 f"{name} {split} split: file not found; looked for {' and '.join(searched)}. "
                 f"To get it: {HOW_TO_GET[name]}."
@@ -111,6 +115,9 @@ def load_idx_dataset(name: str, split: str, root: str | Path | None = None) -> I
         except IdxFormatError as err:
             raise DatasetNotFoundError(f"{name} {split} split: {err}. To get a good copy: {HOW_TO_GET[name]}.") from err
     images, labels = arrays
+    if images.ndim == 3 and len(images) == 0:
+        raise DatasetNotFoundError(f"{name} {split} split: {_find(root, name, FILES[split][0])} holds no examples "
+                                   "(the dataset is empty)")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetNotFoundError(
             f"{name} {split} split: images of shape {images.shape} do not match labels of shape {labels.shape}"

@@ -8,6 +8,8 @@ checkpoint or the new one, never a half-written file. Loading uses ``weights_onl
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    _remove_stale_temps(path)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporary files left by earlier writers of ``path`` that were killed mid-write
+    (kill -9 skips the cleanup above); one run writes one checkpoint path at a time."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,10 +66,16 @@ def _load_safely(path: Path, map_location: str | torch.device) -> Any:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for truncated, corrupt or unsafe files
+    except pickle.UnpicklingError as err:  # weights_only refused a global: nothing in the file was run
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"would call {found.group(1)} when loaded" if found else f"is refused ({str(err)[-200:]})"
         raise CheckpointError(
-            f"{path}: cannot be loaded ({type(err).__name__}: {str(err)[:200]}). "
-            "The file is truncated, corrupt, or holds objects other than tensors and plain values."
+            f"{path}: refused: the file holds objects other than tensors and plain values (it {what}); it may "
+            "have been tampered with. It was not loaded and nothing in it was run."
+        ) from None
+    except Exception as err:  # torch raises several types for truncated or corrupt files
+        raise CheckpointError(
+            f"{path}: cannot be loaded: the file is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})"
         ) from None
 
 

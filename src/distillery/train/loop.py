@@ -6,6 +6,9 @@ evaluated, the metrics are appended to ``metrics.jsonl`` and a checkpoint holdin
 to continue is written atomically. ``fit(resume=True)`` continues from it and reaches the same
 final weights as an uninterrupted run (batches are a pure function of seed, epoch and step; the RNG
 state is checkpointed).
+
+Under torchrun the same loop runs on every rank; the distributed parts are the blocks marked
+"Distributed" (see :mod:`distillery.train.distributed` for what is synchronised and how).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from tqdm.auto import tqdm
 from distillery.config import TrainConfig
 from distillery.data import Augment, BatchLoader, ImageDataset
 from distillery.methods.base import Method, Teacher, run_student
+from distillery.train import distributed
 from distillery.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from distillery.train.distributed import DistContext
 from distillery.train.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -78,8 +83,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for a config value, with a clear error when it is not available here."""
-    device = torch.device(name)
+    """The torch device for a config value, with a clear error when it is not available here.
+
+    Under torchrun, ``cuda`` means this process's GPU, ``cuda:LOCAL_RANK``.
+    """
+    device = torch.device(distributed.rank_device(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine; use device: cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -89,22 +97,65 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int = 1000,
-             device: torch.device | str | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` (in eval mode)."""
+             device: torch.device | str | None = None, dist: DistContext | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` (in eval mode).
+
+    With ``dist``, ``data`` is this rank's shard of the test set (see :func:`shard`): the sums and
+    counts are added over ranks, so every rank returns the metrics of the whole test set.
+    """
     if isinstance(data, ImageDataset):
         device = device or next(model.parameters()).device
         data = BatchLoader(data, batch_size, device=device)
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), device=data.device)
-    correct = torch.zeros((), device=data.device, dtype=torch.long)
+    sums = torch.zeros(3, device=data.device, dtype=torch.float64)  # loss, correct, examples
     for batch in data.epoch(0):
         logits = model(batch.inputs).float()
-        loss += F.cross_entropy(logits, batch.targets, reduction="sum")
-        correct += (logits.argmax(-1) == batch.targets).sum()
+        sums[0] += F.cross_entropy(logits, batch.targets, reduction="sum")
+        sums[1] += (logits.argmax(-1) == batch.targets).sum()
+        sums[2] += len(batch.targets)
     model.train(was_training)
-    n = len(data.order(0))
-    return {"accuracy": correct.item() / n, "loss": loss.item() / n}
+    if dist is not None:
+        dist.all_reduce_sum(sums)
+    loss, correct, n = sums.tolist()
+    return {"accuracy": correct / n, "loss": loss / n}
+
+
+def shard(data: ImageDataset, dist: DistContext) -> ImageDataset:
+    """This rank's share of an evaluation set: examples rank, rank + world_size, ... (no padding,
+    so no example is counted twice when the sums are added over ranks)."""
+    if not dist.enabled:
+        return data
+    if len(data) < dist.world_size:
+        raise ValueError(f"the test set has {len(data)} examples, fewer than the {dist.world_size} ranks")
+    return ImageDataset(data.images[dist.rank :: dist.world_size], data.labels[dist.rank :: dist.world_size],
+                        data.mean, data.std, data.num_classes)
+
+
+@torch.no_grad()
+def _check_output_classes(model: nn.Module, example: Tensor, num_classes: int, label: str) -> None:
+    """The trained network needs an output per class of the data (cross-entropy would fail obscurely)."""
+    was_training = model.training
+    model.eval()
+    outputs = model(example[:2]).shape[-1]
+    model.train(was_training)
+    if outputs < num_classes:
+        raise ValueError(f"[{label}] the network outputs {outputs} classes but the data has {num_classes} classes; "
+                         "build it for the dataset's classes")
+
+
+class _StudentWithMethod(nn.Module):
+    """The student and the method as one module, so DistributedDataParallel synchronises the
+    gradients of both (a method may hold learnable parts, such as a FitNets regressor)."""
+
+    def __init__(self, student: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, inputs: Tensor, teacher_out: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        student_out = run_student(self.student, inputs, self.method.student_layers)
+        return self.method(student_out, teacher_out, targets), student_out.logits
 
 
 class Trainer:
@@ -112,7 +163,8 @@ class Trainer:
 
     ``run_dir`` (optional) receives ``checkpoint.pt`` and ``metrics.jsonl``. ``meta`` is stored in
     the checkpoint as is (the model spec and config fingerprint, so the run can be rebuilt and
-    recognised).
+    recognised). ``dist`` defaults to the process group this process has joined (torchrun), if any;
+    ``sync_batchnorm`` converts the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA only).
     """
 
     def __init__(
@@ -132,10 +184,18 @@ class Trainer:
         label: str = "train",
         progress: bool = True,
         echo: Callable[[str], None] | None = None,
+        dist: DistContext | None = None,
+        sync_batchnorm: bool = False,
     ) -> None:
         if not stages:
             raise ValueError("a run needs at least one stage")
         self.device = torch.device(device)
+        # --- Distributed: who we are; only rank 0 prints, shows progress and writes files.
+        self.dist = dist if dist is not None else distributed.current()
+        if sync_batchnorm and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ValueError("sync_batchnorm needs device cuda (torch's SyncBatchNorm runs on GPUs only)")
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
         self.train_data = train_data
@@ -145,12 +205,15 @@ class Trainer:
         self.amp = amp and self.device.type == "cuda"
         self.meta = dict(meta or {})
         self.label = label
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.echo = echo or (lambda line: tqdm.write(line, file=sys.stderr))
-        self.test_loader = BatchLoader(test_data, eval_batch_size, device=self.device)
+        if not self.dist.is_main:
+            self.echo = lambda line: None
+        self.test_loader = BatchLoader(shard(test_data, self.dist), eval_batch_size, device=self.device)
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         example = next(self.test_loader.epoch(0)).inputs[:8]
+        _check_output_classes(self.student, example, train_data.num_classes, label)
         for stage in self.stages:
             stage.method.to(self.device)
             stage.method.setup(self.student, self.teacher, example)
@@ -161,6 +224,10 @@ class Trainer:
     @property
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / CHECKPOINT_NAME if self.run_dir else None
+
+    @property
+    def writes_files(self) -> bool:
+        return self.run_dir is not None and self.dist.is_main
 
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         """Run every stage to the end (or continue a checkpointed run) and return the history."""
@@ -173,7 +240,11 @@ class Trainer:
                 return self.history
             self.echo(f"[{self.label}] resuming at stage {position.stage + 1}, epoch {position.epoch + 1}, "
                       f"step {position.step}")
-        if self.run_dir:
+        elif self.dist.rank > 0:
+            # Distributed: DDP gives every rank rank 0's initial weights; dropout masks should differ
+            # per rank, so each rank > 0 draws from its own stream (checkpointed per rank).
+            torch.manual_seed(torch.initial_seed() + self.dist.rank)
+        if self.writes_files:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._rewrite_metrics()
         with self._signals_saved():
@@ -189,12 +260,22 @@ class Trainer:
     def _run_stage(self, s: int, start: Position, state: dict[str, Any] | None) -> None:
         stage = self.stages[s]
         cfg = stage.train
-        loader = BatchLoader(
-            self.train_data, cfg.batch_size, shuffle=True, drop_last=len(self.train_data) >= cfg.batch_size,
-            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
-            device=self.device,
-        )
         method = stage.method
+        # --- Distributed: batch_size is global; each rank takes its share of every batch, and the
+        # student and method are wrapped together so DDP averages the gradients of both.
+        rank_batch = self._rank_batch_size(cfg.batch_size, s)
+        loader = BatchLoader(
+            self.train_data, rank_batch, shuffle=True, drop_last=len(self.train_data) >= cfg.batch_size,
+            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
+            device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self._net: nn.Module = _StudentWithMethod(self.student, method)
+        if self.dist.enabled:
+            self._net = nn.parallel.DistributedDataParallel(
+                self._net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # feature methods may leave part of the student out of a stage's loss (FitNets stage 1)
+                find_unused_parameters=bool(method.student_layers),
+            )
         self._optimizer = build_optimizer(chain(self.student.parameters(), method.parameters()), cfg.optimizer)
         self._scheduler = build_scheduler(self._optimizer, cfg.schedule, len(loader), cfg.epochs)
         self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
@@ -206,7 +287,11 @@ class Trainer:
             sums = _EpochSums({k: v.to(self.device) for k, v in state["epoch_sums"]["terms"].items()},
                               state["epoch_sums"]["correct"], state["epoch_sums"]["examples"],
                               state["epoch_sums"]["seconds"])
+            if not self.dist.is_main:  # the checkpoint holds the sums of all ranks; count them once
+                sums = _EpochSums({k: torch.zeros_like(v) for k, v in sums.terms.items()},
+                                  None if sums.correct is None else torch.zeros_like(sums.correct), 0, sums.seconds)
         check_every = 1 if self.device.type == "cpu" else 20
+        terms: dict[str, Tensor] = {}
         for epoch in range(start.epoch, cfg.epochs):
             first_step = start.step if epoch == start.epoch else 0
             if first_step == 0:
@@ -224,30 +309,30 @@ class Trainer:
                 hits = (logits.detach().argmax(-1) == batch.targets).sum()
                 sums.correct = hits if sums.correct is None else sums.correct + hits
                 sums.examples += len(batch.targets)
-                if (step + 1) % check_every == 0:
-                    self._check_finite(terms, Position(s, epoch, step))
+                interval = cfg.checkpoint_every_steps
+                save_now = bool(interval and (step + 1) % interval == 0 and step + 1 < len(loader))
+                stop = self._check_step(terms, Position(s, epoch, step), (step + 1) % check_every == 0 or save_now)
                 bar.update(1)
                 if (step + 1) % 20 == 0 and self.progress:
                     elapsed = sums.seconds + time.perf_counter() - tick
                     total = sum(v for v in sums.terms.values()).item() / sums.examples
                     bar.set_postfix(loss=f"{total:.4f}", img_s=f"{sums.examples / max(elapsed, 1e-9):.0f}")
-                interval = cfg.checkpoint_every_steps
-                if (interval and (step + 1) % interval == 0 and step + 1 < len(loader)) or self._stop_signal:
-                    self._check_finite(terms, Position(s, epoch, step))
+                if save_now or stop:
                     now = time.perf_counter()
                     sums.seconds += now - tick
                     tick = now
                     self._save(Position(s, epoch, step + 1), sums=sums)
-                    if self._stop_signal:
+                    if stop:
                         bar.close()
                         raise TrainingInterrupted(
-                            f"[{self.label}] stopped by signal {self._stop_signal}; checkpoint saved to "
-                            f"{self.checkpoint_path}. Continue with --resume."
+                            f"[{self.label}] stopped by signal {self._stop_signal or 'on another rank'}; "
+                            f"checkpoint saved to {self.checkpoint_path}. Continue with --resume."
                         )
             bar.close()
             self._check_finite(terms, Position(s, epoch, len(loader) - 1))
             sums.seconds += time.perf_counter() - tick
-            record = self._epoch_record(s, epoch, sums)
+            self.dist.broadcast_buffers(self._net)  # rank 0's BatchNorm running statistics everywhere
+            record = self._epoch_record(s, epoch, self._reduced(sums))
             self.history.append(record)
             self._append_metrics(record)
             self.echo(
@@ -262,27 +347,72 @@ class Trainer:
         if self.teacher is not None and method.needs_teacher:
             teacher_out = self.teacher(inputs, method.teacher_layers)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            student_out = run_student(self.student, inputs, method.student_layers)
-            terms = method(student_out, teacher_out, targets)
+            terms, logits = self._net(inputs, teacher_out, targets)
         loss = sum(terms.values())
         self._optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward()
         self._scaler.step(self._optimizer)
         self._scaler.update()
         self._scheduler.step()
-        return terms, student_out.logits
+        return terms, logits
 
-    def _check_finite(self, terms: dict[str, Tensor], at: Position) -> None:
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                kept = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
-                raise NonFiniteLossError(
-                    f"[{self.label}] loss term {name!r} is {value.item()} at stage {at.stage + 1}, "
-                    f"epoch {at.epoch + 1}, step {at.step + 1}{kept}. Lower the learning rate or check the data."
-                )
+    def _rank_batch_size(self, batch_size: int, s: int) -> int:
+        world = self.dist.world_size
+        if batch_size % world:
+            raise ValueError(f"stage {s + 1}: batch_size {batch_size} is the global batch and must be divisible "
+                             f"by the {world} processes (each takes batch_size / {world})")
+        if world > 1 and len(self.train_data) < batch_size:
+            raise ValueError(f"stage {s + 1}: {len(self.train_data)} training examples do not fill one global batch "
+                             f"of {batch_size} over {world} processes; use a smaller batch_size")
+        return batch_size // world
+
+    def _check_step(self, terms: dict[str, Tensor], at: Position, check: bool) -> bool:
+        """NaN/inf check and stop-signal check of one step; True if the run must checkpoint and stop.
+
+        In one process the signal flag is read every step and the loss (a device sync) at ``check``
+        steps. Under DDP both happen only at ``check`` steps, in one all-reduce, so that every rank
+        stops (or raises) at the same step even when only one of them got the signal or the NaN.
+        """
+        if not self.dist.enabled:
+            if check:
+                self._check_finite(terms, at)
+            return self._stop_signal is not None
+        return check and self._check_finite(terms, at)
+
+    def _check_finite(self, terms: dict[str, Tensor], at: Position) -> bool:
+        """Raise :class:`NonFiniteLossError` if a loss term is NaN or infinite; return whether a stop
+        signal arrived (under DDP: on any rank, both learnt in one all-reduce)."""
+        bad = {name: value for name, value in terms.items() if not torch.isfinite(value).all()}
+        stop = self._stop_signal is not None
+        if self.dist.enabled:  # --- Distributed: a NaN or a signal on any rank concerns every rank
+            flags = torch.tensor([float(bool(bad)), float(stop)], device=self.device)
+            any_bad, stop = (bool(f) for f in self.dist.all_reduce_max(flags).tolist())
+            if any_bad and not bad:
+                raise NonFiniteLossError(f"[{self.label}] a loss term became NaN or infinite on another rank at "
+                                         f"stage {at.stage + 1}, epoch {at.epoch + 1}, step {at.step + 1}")
+        for name, value in bad.items():
+            kept = f"; the last good checkpoint is kept at {self.checkpoint_path}" if self.checkpoint_path else ""
+            raise NonFiniteLossError(
+                f"[{self.label}] loss term {name!r} is {value.item()} at stage {at.stage + 1}, "
+                f"epoch {at.epoch + 1}, step {at.step + 1}{kept}. Lower the learning rate or check the data."
+            )
+        return stop
+
+    def _reduced(self, sums: _EpochSums) -> _EpochSums:
+        """The epoch sums of all ranks (this rank's own in one process)."""
+        if not self.dist.enabled:
+            return sums
+        names = sorted(sums.terms)
+        correct = sums.correct if sums.correct is not None else 0
+        flat = torch.stack([sums.terms[k].double() for k in names]
+                           + [torch.as_tensor(correct, device=self.device).double(),
+                              torch.tensor(float(sums.examples), device=self.device, dtype=torch.float64)])
+        self.dist.all_reduce_sum(flat)
+        terms = {k: flat[i] for i, k in enumerate(names)}
+        return _EpochSums(terms, flat[-2].round().long(), int(flat[-1].item()), sums.seconds)
 
     def _epoch_record(self, s: int, epoch: int, sums: _EpochSums) -> dict[str, Any]:
-        test = evaluate(self.student, self.test_loader)
+        test = evaluate(self.student, self.test_loader, dist=self.dist)
         n = max(sums.examples, 1)
         record: dict[str, Any] = {
             "stage": s + 1,
@@ -302,9 +432,15 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
 
     def _save(self, position: Position, *, complete: bool = False, sums: _EpochSums | None = None) -> None:
+        """Write the checkpoint. Under DDP every rank calls this: the epoch sums and each rank's RNG
+        state are gathered, rank 0 writes, and the others wait for it at a barrier."""
         if not self.checkpoint_path:
             return
-        sums = sums or _EpochSums()
+        sums = self._reduced(sums or _EpochSums())
+        rank_rngs = [t.cpu() for t in self.dist.all_gather(torch.get_rng_state().to(self.device))]  # nccl: on GPU
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return
         state: dict[str, Any] = {
             "kind": "distillery-run",
             "meta": self.meta,
@@ -313,7 +449,7 @@ class Trainer:
             "position": {"stage": position.stage, "epoch": position.epoch, "step": position.step},
             "history": self.history,
             "complete": complete,
-            "rng": {"cpu": torch.get_rng_state(),
+            "rng": {"cpu": torch.get_rng_state(), "cpu_ranks": rank_rngs,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "epoch_sums": {"terms": dict(sums.terms), "correct": sums.correct, "examples": sums.examples,
                            "seconds": sums.seconds},
@@ -322,7 +458,10 @@ class Trainer:
             state["optimizer"] = self._optimizer.state_dict()
             state["scheduler"] = self._scheduler.state_dict()
             state["scaler"] = self._scaler.state_dict()
-        save_checkpoint(state, self.checkpoint_path)
+        try:
+            save_checkpoint(state, self.checkpoint_path)
+        finally:
+            self.dist.barrier()
 
     def _restore(self, state: dict[str, Any]) -> Position:
         source = str(self.checkpoint_path)
@@ -330,14 +469,16 @@ class Trainer:
         for stage, method_state in zip(self.stages, state["methods"]):
             stage.method.load_state_dict(method_state)
         self.history = list(state["history"])
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        rank_rngs = state["rng"].get("cpu_ranks", [])
+        own = rank_rngs[self.dist.rank] if len(rank_rngs) == self.dist.world_size else state["rng"]["cpu"]
+        torch.set_rng_state(own.cpu())
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         p = state["position"]
         return Position(p["stage"], p["epoch"], p["step"])
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        if self.run_dir:
+        if self.writes_files:
             with open(self.run_dir / METRICS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

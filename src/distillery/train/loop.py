@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from distillery.config import TrainConfig
 from distillery.data import Augment, BatchLoader, ImageDataset
+from distillery.losses import ensemble_probs
 from distillery.methods.base import Method, Teacher, run_student
 from distillery.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from distillery.train.optim import build_optimizer, build_scheduler
@@ -107,6 +108,39 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int
     return {"accuracy": correct.item() / n, "loss": loss.item() / n}
 
 
+@torch.no_grad()
+def evaluate_ensemble(models: Sequence[nn.Module], data: ImageDataset | BatchLoader, batch_size: int = 1000,
+                      device: torch.device | str | None = None) -> dict[str, Any]:
+    """Accuracy and loss of the ensemble that averages its members' probabilities, and of each member.
+
+    The ensemble predicts p = (1/M) Σ_m softmax(z_m) (:func:`distillery.losses.ensemble_probs` at
+    T = 1); its loss is the mean −log p_y. Returns ``{"ensemble": {...}, "members": [{...}, ...]}``,
+    each with ``accuracy`` and ``loss``. Reports use this for every ensemble figure.
+    """
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    if isinstance(data, ImageDataset):
+        device = device or next(models[0].parameters()).device
+        data = BatchLoader(data, batch_size, device=device)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    n_models = len(models)
+    loss = torch.zeros(n_models + 1, device=data.device)
+    correct = torch.zeros(n_models + 1, device=data.device, dtype=torch.long)
+    for batch in data.epoch(0):
+        logits = torch.stack([m(batch.inputs).float() for m in models])  # M×N×K
+        probs = torch.cat([torch.softmax(logits, -1), ensemble_probs(logits).unsqueeze(0)])  # (M+1)×N×K
+        p_true = probs.gather(-1, batch.targets.view(1, -1, 1).expand(n_models + 1, -1, 1)).squeeze(-1)
+        loss += -torch.log(p_true.clamp_min(1e-12)).sum(-1)
+        correct += (probs.argmax(-1) == batch.targets).sum(-1)
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    n = len(data.order(0))
+    rows = [{"accuracy": correct[i].item() / n, "loss": loss[i].item() / n} for i in range(n_models + 1)]
+    return {"ensemble": rows[-1], "members": rows[:-1]}
+
+
 class Trainer:
     """Trains ``student`` through ``stages``; see the module docstring.
 
@@ -151,10 +185,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         example = next(self.test_loader.epoch(0)).inputs[:8]
-        for stage in self.stages:
+        for s, stage in enumerate(self.stages):
             stage.method.to(self.device)
             stage.method.setup(self.student, self.teacher, example)
             stage.method.to(self.device)
+            stage.method.prepare(self.teacher, self._train_loader(s), self.run_dir)
 
     # ------------------------------------------------------------------ public
 
@@ -189,11 +224,7 @@ class Trainer:
     def _run_stage(self, s: int, start: Position, state: dict[str, Any] | None) -> None:
         stage = self.stages[s]
         cfg = stage.train
-        loader = BatchLoader(
-            self.train_data, cfg.batch_size, shuffle=True, drop_last=len(self.train_data) >= cfg.batch_size,
-            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
-            device=self.device,
-        )
+        loader = self._train_loader(s)
         method = stage.method
         self._optimizer = build_optimizer(chain(self.student.parameters(), method.parameters()), cfg.optimizer)
         self._scheduler = build_scheduler(self._optimizer, cfg.schedule, len(loader), cfg.epochs)
@@ -218,7 +249,7 @@ class Trainer:
                             f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr)
             tick = time.perf_counter()
             for step, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
-                terms, logits = self._step(method, batch.inputs, batch.targets)
+                terms, logits = self._step(method, batch.inputs, batch.targets, batch.index)
                 for name, value in terms.items():
                     sums.terms[name] = sums.terms.get(name, 0) + value.detach() * len(batch.targets)
                 hits = (logits.detach().argmax(-1) == batch.targets).sum()
@@ -257,13 +288,21 @@ class Trainer:
             )
             self._save(Position(s, epoch + 1, 0))
 
-    def _step(self, method: Method, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        teacher_out = None
-        if self.teacher is not None and method.needs_teacher:
-            teacher_out = self.teacher(inputs, method.teacher_layers)
+    def _train_loader(self, s: int) -> BatchLoader:
+        """Stage ``s``'s training batches (also handed to ``method.prepare`` before training)."""
+        cfg = self.stages[s].train
+        return BatchLoader(
+            self.train_data, cfg.batch_size, shuffle=True, drop_last=len(self.train_data) >= cfg.batch_size,
+            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
+            device=self.device,
+        )
+
+    def _step(self, method: Method, inputs: Tensor, targets: Tensor,
+              index: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        teacher_out = method.teacher_outputs(self.teacher, inputs)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             student_out = run_student(self.student, inputs, method.student_layers)
-            terms = method(student_out, teacher_out, targets)
+            terms = method(student_out, teacher_out, targets, index)
         loss = sum(terms.values())
         self._optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward()

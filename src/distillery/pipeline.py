@@ -21,8 +21,9 @@ from torch import nn
 
 from distillery.config import ModelConfig, RunConfig, TrainConfig, fingerprint
 from distillery.data import ImageDataset, load_idx_dataset
-from distillery.methods import Teacher, create_method
+from distillery.methods import Teacher, create_method, method_class
 from distillery.methods.cross_entropy import CrossEntropy
+from distillery.methods.tfkd import TfKDSelf
 from distillery.models import create_model
 from distillery.report import (
     ModelRow,
@@ -61,20 +62,24 @@ def load_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     return train, test
 
 
-def build_model(spec: ModelConfig, data: ImageDataset) -> nn.Module:
-    return create_model(spec.name, in_channels=data.in_channels, num_classes=data.num_classes,
+def build_model(spec: ModelConfig, data: ImageDataset, num_classes: int | None = None) -> nn.Module:
+    return create_model(spec.name, in_channels=data.in_channels, num_classes=num_classes or data.num_classes,
                         input_size=data.input_size, **spec.kwargs)
 
 
 def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDataset) -> tuple[nn.Module, ModelConfig]:
     """A network from a distillery checkpoint (built from its own model spec unless ``spec`` is
-    given) or from a plain ``state_dict`` file (``spec`` required)."""
+    given) or from a plain ``state_dict`` file (``spec`` required).
+
+    A distillery checkpoint keeps its own class count, so a teacher trained on another task loads
+    as it was trained (feature methods such as fsp and fitnets can use it).
+    """
     weights, meta = load_weights(path)
     if spec is None:
         if meta is None:
             raise CheckpointError(f"{path}: a plain state_dict needs the model named in the config")
         spec = ModelConfig.model_validate(meta["model"])
-    model = build_model(spec, data)
+    model = build_model(spec, data, (meta or {}).get("num_classes"))
     load_model_state(model, weights, str(path))
     return model, spec
 
@@ -157,7 +162,7 @@ def get_teacher(config: RunConfig, data: tuple[ImageDataset, ImageDataset], *, r
     stages = [("ce", {}, config.teacher.train)]
     trained = train_model(config, "teacher", config.teacher.model, stages, data, resume=resume,
                           overwrite=overwrite, progress=progress)
-    return trained, fingerprint({"teacher_run": str(trained.run_dir), "history": trained.history[-1:]})
+    return trained, run_key(trained)
 
 
 def train_student_alone(config: RunConfig, data: tuple[ImageDataset, ImageDataset], **kwargs: Any) -> TrainedModel:
@@ -165,11 +170,58 @@ def train_student_alone(config: RunConfig, data: tuple[ImageDataset, ImageDatase
     return train_model(config, "student_alone", config.student.model, stages, data, **kwargs)
 
 
-def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], teacher: TrainedModel,
+def needs_teacher(config: RunConfig) -> bool:
+    """Whether any distillation stage reads a teacher network (tfkd_reg, label_smoothing, ce do not)."""
+    return any(method_class(s.method.name).needs_teacher for s in config.distill.stages)
+
+
+def teaches_itself(config: RunConfig) -> bool:
+    """Tf-KD_self: the teacher is the student's own architecture trained alone (unless one is given)."""
+    return any(s.method.name == TfKDSelf.name for s in config.distill.stages) and not config.teacher.checkpoint
+
+
+def load_ensemble_members(config: RunConfig, data: ImageDataset) -> tuple[list[nn.Module], str]:
+    """The extra teacher networks of ``teacher.ensemble`` and a key identifying them."""
+    members, files = [], []
+    for path in config.teacher.ensemble:
+        model, _ = load_trained_model(path, None, data)
+        members.append(model.to(resolve_device(config.device)).eval())
+        files.append([str(Path(path).resolve()), Path(path).stat().st_mtime])
+    return members, fingerprint({"ensemble": files}) if files else ""
+
+
+def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], teacher: TrainedModel | None,
                     teacher_key: str, **kwargs: Any) -> TrainedModel:
+    """Distil the student through ``distill.stages`` into ``student_distilled``.
+
+    With ``distill.generations`` = G > 1 the distillation repeats: generation k (in
+    ``student_distilled_gen{k}``) teaches generation k + 1, and the last lands in
+    ``student_distilled``. ``teacher`` may be None when no stage needs one.
+    """
     stages = [(s.method.name, s.method.params, s.train or config.student.train) for s in config.distill.stages]
-    return train_model(config, "student_distilled", config.student.model, stages, data,
-                       teacher=Teacher(teacher.model), teacher_key=teacher_key, **kwargs)
+    if not needs_teacher(config):
+        teacher, teacher_key = None, ""
+    elif teacher is None:
+        raise ValueError(f"methods {[s[0] for s in stages]} need a teacher")
+    generations = config.distill.generations
+    if teacher is None and generations > 1:
+        raise ValueError(f"distill.generations = {generations} needs a method with a teacher "
+                         f"(each generation teaches the next); got {[s[0] for s in stages]}")
+    extra, extra_key = load_ensemble_members(config, data[0]) if teacher is not None else ([], "")
+    current, key = teacher, teacher_key + extra_key
+    for k in range(1, generations + 1):
+        role = "student_distilled" if k == generations else f"student_distilled_gen{k}"
+        members = [current.model, *(extra if k == 1 else [])] if current is not None else []
+        trained = train_model(config, role, config.student.model, stages, data,
+                              teacher=Teacher(members) if members else None, teacher_key=key, **kwargs)
+        if current is not None:
+            current, key = trained, run_key(trained)
+    return trained
+
+
+def run_key(trained: TrainedModel) -> str:
+    """A key identifying a network trained in its run folder (for the fingerprints of its students)."""
+    return fingerprint({"teacher_run": str(trained.run_dir), "history": trained.history[-1:]})
 
 
 @dataclass
@@ -197,7 +249,11 @@ def run_main_job(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     common = {"resume": resume, "overwrite": overwrite, "progress": progress}
     teacher, teacher_key = get_teacher(config, data, **common)
     alone = train_student_alone(config, data, **common)
-    distilled = distill_student(config, data, teacher, teacher_key, **common)
+    if teaches_itself(config):
+        distill_from, distill_key = alone, run_key(alone)
+    else:
+        distill_from, distill_key = teacher, teacher_key
+    distilled = distill_student(config, data, distill_from, distill_key, **common)
     device = resolve_device(config.device)
     test = data[1]
     input_shape = tuple(test.images.shape[1:])

@@ -80,6 +80,10 @@ class FitNets(Method):
 
     @classmethod
     def default_stages(cls) -> list[dict[str, Any]]:
-        """Stage 1 hints, stage 2 KD with τ = 3 as in the FSP paper's FitNets baseline."""
-        return [{"method": {"name": cls.name}},
+        """Stage 1 hints, stage 2 KD with τ = 3 as in the FSP paper's FitNets baseline.
+
+        Stage 1 uses learning rate 0.001 (the hint loss sums over every element of the hint map);
+        other settings come from ``student.train``.
+        """
+        return [{"method": {"name": cls.name}, "train": {"optimizer": {"lr": 0.001}}},
                 {"method": {"name": "hinton", "temperature": 3.0, "kd_weight": 0.9, "ce_weight": 0.1}}]

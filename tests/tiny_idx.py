@@ -34,9 +34,9 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 def write_tiny_fmnist(root: Path, n_train: int = 128, n_test: int = 64, size: int = 8) -> Path:
     """Write the four Fashion-MNIST idx files of a tiny learnable set into ``root``; returns ``root``."""
     root.mkdir(parents=True, exist_ok=True)
-    for split, n, seed, (images_name, labels_name) in (
-        ("train", n_train, 1, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
-        ("test", n_test, 2, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
+    for n, seed, (images_name, labels_name) in (
+        (n_train, 1, ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
+        (n_test, 2, ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")),
     ):
         images, labels = tiny_arrays(n, size=size, seed=seed)
         _write_idx(root / images_name, images)

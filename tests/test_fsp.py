@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_idx import tiny_dataset
+from tiny_idx import one_thread, tiny_dataset  # noqa: F401  (one_thread: autouse fixture)
 
 from distillery.config import TrainConfig
 from distillery.data import BatchLoader

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_idx import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from distillery.config import MethodConfig

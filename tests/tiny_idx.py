@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from distillery.data import ImageDataset
@@ -42,3 +43,13 @@ def write_tiny_fmnist(root: Path, n_train: int = 128, n_test: int = 64, size: in
         _write_idx(root / images_name, images)
         _write_idx(root / labels_name, labels)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one intra-op thread: the tiny convolutions here only lose time to threading,
+    badly so on a shared 2-core machine. Import this fixture into a test module to use it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

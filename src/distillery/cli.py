@@ -107,7 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> RunConfig:
-    return load_config(args.config, [*args.overrides, *extra])
+    """The config file, then ``--method``'s stages, then the ``--set`` overrides, then other flags.
+
+    ``--set distill.stages.0.method.temperature=8`` thus tunes the stages ``--method`` chose.
+    """
+    first = []
+    if getattr(args, "method", None):
+        first.append("distill.stages=" + json.dumps(_default_stages(args)))
+    return load_config(args.config, [*first, *args.overrides, *extra])
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -128,8 +135,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     extra = []
-    if getattr(args, "method", None):
-        extra.append("distill.stages=" + json.dumps(_default_stages(args)))
     if getattr(args, "teacher", None):
         extra.append(f"teacher.checkpoint={json.dumps(args.teacher[0])}")
         extra.append(f"teacher.ensemble={json.dumps(args.teacher[1:])}")
@@ -181,7 +186,9 @@ def _default_stages(args: argparse.Namespace) -> list[dict]:
     stages = method_class(args.method).default_stages()
     if not any("train" in stage for stage in stages):
         return stages
-    base = _config(args).student.train.model_dump(mode="json")
+    plain = [{k: v for k, v in stage.items() if k != "train"} for stage in stages]
+    config = load_config(args.config, ["distill.stages=" + json.dumps(plain), *args.overrides])
+    base = config.student.train.model_dump(mode="json")
     return [{**stage, "train": _merged(base, stage["train"])} if "train" in stage else stage for stage in stages]
 
 

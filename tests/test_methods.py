@@ -232,3 +232,27 @@ def test_unknown_method_parameter_is_an_error() -> None:
         create_method("tfkd_reg", temprature=3)
     with pytest.raises(ValueError, match="teacher_pairs has 1 entries but pairs has 3"):
         create_method("fsp", teacher_pairs=[["a", "b"]])
+
+
+def test_a_method_in_a_plain_user_training_loop() -> None:
+    """The README's loop: any method, the user's own optimiser and batches."""
+    from tiny_idx import tiny_dataset
+
+    data = tiny_dataset(64, seed=1)
+    inputs_all = (data.images.float() / 255 - 0.5) / 0.3
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    method = create_method("fitnets")
+    method.setup(student, teacher, inputs_all[:8])
+    optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=1e-3, momentum=0.9)
+    losses = []
+    for _ in range(4):
+        for inputs, targets in zip(inputs_all.split(16), data.labels.split(16)):
+            student_out = run_student(student, inputs, method.student_layers)
+            terms = method(student_out, method.teacher_outputs(teacher, inputs), targets)
+            loss = sum(terms.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
+    assert all(not p.requires_grad for p in teacher.members[0].parameters())

@@ -129,9 +129,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distillery.methods import METHODS
 
         for name, cls in sorted(METHODS.items()):
-            fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+            fields = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}"
+                               for k, f in cls.Params.model_fields.items())
             summary = (cls.__doc__ or "").strip().splitlines()[0]
-            print(f"{name}: {summary}" + (f"\n    {fields}" if fields else ""))
+            stages = [stage["method"]["name"] for stage in cls.default_stages()]
+            print(f"{name}: {summary}" + (f"\n    {fields}" if fields else "")
+                  + (f"\n    --method {name} runs the stages {' → '.join(stages)}" if len(stages) > 1 else ""))
         return 0
 
     extra = []

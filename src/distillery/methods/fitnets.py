@@ -47,7 +47,8 @@ class FitNets(Method):
             super().setup(student, teacher, example)
         except UnknownLayerError as err:
             raise UnknownLayerError(f"method 'fitnets' (parameters student_layer={p.student_layer!r}, "
-                                    f"teacher_layer={p.teacher_layer!r}): {err}") from None
+                                    f"teacher_layer={p.teacher_layer!r}): {err} The defaults fit the ResNets of "
+                                    "the shipped recipe (--config fitnets).") from None
         assert teacher is not None
         guided = probe_student(student, example, self.student_layers).features[p.student_layer]
         hint = teacher(example, self.teacher_layers).features[p.teacher_layer]

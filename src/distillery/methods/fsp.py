@@ -97,7 +97,8 @@ class FSP(Method):
         try:
             super().setup(student, teacher, example)
         except UnknownLayerError as err:
-            raise UnknownLayerError(f"method 'fsp' (parameters pairs / teacher_pairs): {err}") from None
+            raise UnknownLayerError(f"method 'fsp' (parameters pairs / teacher_pairs): {err} The default pairs "
+                                    "fit the ResNets of the shipped recipe (--config fsp).") from None
         assert teacher is not None
         s_feats = probe_student(student, example, self.student_layers).features
         t_feats = teacher(example, self.teacher_layers).features

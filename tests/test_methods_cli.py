@@ -135,3 +135,19 @@ def test_layer_names_that_do_not_fit_the_models_are_named(setup, capsys) -> None
     assert code == 2
     err = capsys.readouterr().err
     assert "student_layer='stage2'" in err and "no layer named 'stage2'" in err
+
+
+MAIN_JOB_STAGES = {
+    "fsp": "[{method: {name: fsp}, train: {epochs: 2, batch_size: 32, optimizer: {lr: 0.001}}}, {method: {name: ce}}]",
+    "tfkd_self": "[{method: {name: tfkd_self}}]",
+}
+
+
+@pytest.mark.parametrize("method", list(MAIN_JOB_STAGES))
+def test_main_job_runs_two_stage_and_self_taught_methods(setup, method: str) -> None:
+    name, stages = f"main_{method}", MAIN_JOB_STAGES[method]
+    assert main(["run", "-c", str(setup["config"]), "--no-progress", "--set", f"name={name}",
+                 "--set", f"distill.stages={stages}"]) == 0
+    results = json.loads((setup["root"] / "runs" / name / "results.json").read_text())
+    assert [r["role"] for r in results["rows"]] == ["teacher", "student alone", "student distilled"]
+    _assert_loss_falls(_history(setup, name))

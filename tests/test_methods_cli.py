@@ -151,3 +151,10 @@ def test_main_job_runs_two_stage_and_self_taught_methods(setup, method: str) -> 
     results = json.loads((setup["root"] / "runs" / name / "results.json").read_text())
     assert [r["role"] for r in results["rows"]] == ["teacher", "student alone", "student distilled"]
     _assert_loss_falls(_history(setup, name))
+
+
+def test_tfkd_self_with_an_explicit_copy_of_the_student_as_teacher(setup) -> None:
+    # the tiny config's teacher is a ResNet-8 like the student, so it may teach as its "self"
+    assert _distill(setup, "self_given", "--method", "tfkd_self", "--teacher", str(setup["teacher"])) == 0
+    runs = setup["root"] / "runs" / "self_given"
+    assert {p.name for p in runs.iterdir()} == {"student_distilled"}  # no student trained alone first

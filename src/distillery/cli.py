@@ -162,7 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             trained = pipeline.train_student_alone(config, data, **common)
     else:
         teacher, key = None, ""
-        if pipeline.teaches_itself(config):
+        if pipeline.teaches_itself(config) and not args.teacher:
             teacher = pipeline.train_student_alone(config, data, **common)
             key = pipeline.run_key(teacher)
         elif pipeline.needs_teacher(config):

@@ -176,8 +176,12 @@ def needs_teacher(config: RunConfig) -> bool:
 
 
 def teaches_itself(config: RunConfig) -> bool:
-    """Tf-KD_self: the teacher is the student's own architecture trained alone (unless one is given)."""
-    return any(s.method.name == TfKDSelf.name for s in config.distill.stages) and not config.teacher.checkpoint
+    """Tf-KD_self: the teacher is the student's own architecture trained alone, not the configured teacher.
+
+    The main job always distils from ``student_alone`` then; ``distillery distill`` does unless
+    ``--teacher`` names another trained copy of the student.
+    """
+    return any(s.method.name == TfKDSelf.name for s in config.distill.stages)
 
 
 def load_ensemble_members(config: RunConfig, data: ImageDataset) -> tuple[list[nn.Module], str]:

@@ -256,3 +256,17 @@ def test_a_method_in_a_plain_user_training_loop() -> None:
             losses.append(loss.item())
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     assert all(not p.requires_grad for p in teacher.members[0].parameters())
+
+
+def test_fitnets_names_spatial_sizes_that_cannot_be_pooled() -> None:
+    x = torch.randn(2, 1, 10, 10)  # ResNet stages give 10×10, 5×5 and 3×3 maps
+    student = create_model("resnet8", in_channels=1, num_classes=10, input_size=10)
+    teacher = Teacher(create_model("resnet8", in_channels=1, num_classes=10, input_size=10))
+    method = create_method("fitnets", student_layer="stage1", teacher_layer="stage3")
+    with pytest.raises(ValueError, match=r"'stage1' \(16, 10, 10\).*'stage3' \(64, 3, 3\): spatial sizes cannot be "
+                                         "pooled to match"):
+        method.setup(student, teacher, x)
+    ok = create_method("fitnets", student_layer="stage1", teacher_layer="stage2")  # 10×10 pools to 5×5
+    ok.setup(student, teacher, x)
+    terms = ok(run_student(student, x, ok.student_layers), ok.teacher_outputs(teacher, x), torch.zeros(2).long())
+    assert terms["hint"] > 0

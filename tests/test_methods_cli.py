@@ -73,7 +73,7 @@ def test_every_method_trains_from_the_cli(setup, method: str) -> None:
         assert (setup["root"] / "runs" / method / "student_alone" / "checkpoint.pt").exists()
 
 
-def test_fsp_default_stage_one_uses_the_smaller_learning_rate(setup) -> None:
+def test_fsp_default_stage_one_uses_its_own_optimiser_settings(setup) -> None:
     history = _history(setup, "fsp")
     assert history[0]["lr"] == pytest.approx(0.001) and history[-1]["lr"] == pytest.approx(0.05)
 

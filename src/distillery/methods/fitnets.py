@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from distillery.losses import hint_loss, pool_to_common_size
 from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher, probe_student
+from distillery.methods.fsp import STAGE1_OPTIMIZER
 from distillery.taps import UnknownLayerError
 
 
@@ -83,8 +84,9 @@ class FitNets(Method):
     def default_stages(cls) -> list[dict[str, Any]]:
         """Stage 1 hints, stage 2 KD with τ = 3 as in the FSP paper's FitNets baseline.
 
-        Stage 1 uses learning rate 0.001 (the hint loss sums over every element of the hint map);
-        other settings come from ``student.train``.
+        Stage 1 uses AdamW at learning rate 0.001 without weight decay: the hint loss sums over every
+        element of the hint map, so its scale depends on the nets and data, and Adam's step does not.
+        Other settings come from ``student.train``.
         """
-        return [{"method": {"name": cls.name}, "train": {"optimizer": {"lr": 0.001}}},
+        return [{"method": {"name": cls.name}, "train": {"optimizer": STAGE1_OPTIMIZER}},
                 {"method": {"name": "hinton", "temperature": 3.0, "kd_weight": 0.9, "ce_weight": 0.1}}]

@@ -35,6 +35,8 @@ from distillery.taps import UnknownLayerError
 Pair = tuple[str, str]
 RESNET_STAGE_PAIRS: list[Pair] = [("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")]
 STORE_PREFIX = "fsp_teacher_"
+# Stage-1 optimiser of the default stages (FSP and FitNets): see FSP.default_stages.
+STAGE1_OPTIMIZER = {"name": "adamw", "lr": 0.001, "weight_decay": 0.0}
 
 
 class FSPParams(MethodParams):
@@ -226,10 +228,13 @@ class FSP(Method):
     def default_stages(cls) -> list[dict[str, Any]]:
         """Stage 1 FSP, stage 2 the main task with cross-entropy, as in the paper.
 
-        Stage 1 uses learning rate 0.001 (the FSP loss sums m·n squared entries per pair, so it is
-        hundreds of times larger than a cross-entropy); other settings come from ``student.train``.
+        Stage 1 uses AdamW at learning rate 0.001 without weight decay: the FSP loss sums m·n squared
+        entries of unnormalised features per pair, so its scale (hundreds to tens of thousands)
+        depends on the nets and the data, and Adam's step does not. (On a 1,500-image Fashion-MNIST
+        subset, ResNet-14 → ResNet-8, SGD at 0.001 left the student worse than trained alone, AdamW
+        did not.) Other settings come from ``student.train``.
         """
-        return [{"method": {"name": cls.name}, "train": {"optimizer": {"lr": 0.001}}}, {"method": {"name": "ce"}}]
+        return [{"method": {"name": cls.name}, "train": {"optimizer": STAGE1_OPTIMIZER}}, {"method": {"name": "ce"}}]
 
 
 def _tensor_bytes(tensor: Tensor) -> bytes:

@@ -34,7 +34,8 @@ class FaultyCE(CrossEntropy):
         super().__init__()
         self.slow, self.signal_at, self.sig, self.calls = slow, signal_at, sig, 0
 
-    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
         self.calls += 1
         if self.slow:
             time.sleep(0.02)

@@ -241,16 +241,15 @@ def test_bad_input_exits_2_with_a_specific_message_and_loses_nothing(row, worksp
     assert not (ws / "PWNED").exists()  # no pickle payload ran
 
 
-@pytest.mark.skipif("fsp" not in methods.METHODS, reason="TODO(lead): enable after merging the fsp branch")
 def test_fsp_layers_whose_channels_differ(workspace, tmp_path, capsys):
-    # TODO(lead): after the merge, check the fsp parameter names below against methods/fsp.py.
     ws = tmp_path / "ws"
     shutil.copytree(workspace, ws)
-    teacher = ws / "runs/fmnist/teacher/checkpoint.pt"
+    nets = _set(f"output_dir={ws / 'fresh'}", "teacher.model={name: cnn, kwargs: {width: 8}}",
+                "student.model={name: cnn, kwargs: {width: 4}}")
+    assert main(["train", "--role", "teacher", *base(ws), *nets]) == 0
     before = _snapshot(ws)
-    code, output = run_cli(["distill", *base(ws), "--teacher", str(teacher),
-                            *_set(f"output_dir={ws / 'fresh'}", "teacher.model={name: cnn, kwargs: {width: 8}}",
-                                  "student.model={name: cnn, kwargs: {width: 4}}",
-                                  "distill.stages=[{method: {name: fsp}}]")], capsys)
-    assert code == EXIT_BAD_INPUT and "channel" in output
-    assert _snapshot(ws) == {**_snapshot(ws), **before}
+    code, output = run_cli(["distill", *base(ws), *nets,
+                            *_set("distill.stages=[{method: {name: fsp, pairs: [[stage1, stage2]]}}]")], capsys)
+    assert code == EXIT_BAD_INPUT, output
+    assert "student layer 'stage1' has 4 channels but teacher layer 'stage1' has 8" in output
+    assert _snapshot(ws) == before

@@ -52,7 +52,8 @@ class Probe(Method):
         self.signal_at, self.nan_at = signal_at, nan_at
         self.calls = 0
 
-    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
         self.calls += 1
         if self.calls == self.signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -197,7 +198,8 @@ def test_a_signal_on_one_rank_stops_both_and_resume_reproduces_the_run(runs):
 
 
 def test_global_batch_must_divide_over_ranks():
-    trainer = make_trainer(None, dist=ddist.DistContext(rank=0, world_size=3))
+    trainer = make_trainer(None)
+    trainer.dist = ddist.DistContext(rank=0, world_size=3)
     with pytest.raises(ValueError, match="batch_size 32 is the global batch and must be divisible by the 3"):
         trainer._rank_batch_size(32, 0)
 

@@ -168,7 +168,8 @@ class NaNAt(Method):
         super().__init__()
         self.at, self.calls = at, 0
 
-    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
         self.calls += 1
         ce = F.cross_entropy(student.logits, targets)
         return {"ce": ce, "kd": ce * (math.nan if self.calls == self.at else 0.0)}

@@ -61,16 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<output_dir>/<name>/student_distilled/.")
     _add_config_options(p)
     _add_run_options(p)
-    p.add_argument("--teacher", metavar="CHECKPOINT",
-                   help="teacher checkpoint (distillery checkpoint or state_dict); default: teacher.checkpoint, "
-                        "else the teacher trained in this run's folder")
+    p.add_argument("--teacher", metavar="CHECKPOINT", nargs="+",
+                   help="teacher checkpoint (distillery checkpoint or state_dict); several make an ensemble teacher "
+                        "(method ensemble). Default: teacher.checkpoint, else the teacher trained in this run's "
+                        "folder (for tfkd_self: the student trained alone there)")
     p.add_argument("--method", metavar="NAME",
-                   help="shorthand for a single stage of this method with its default parameters")
+                   help="run this method's default stages with default parameters (two stages for fsp and "
+                        "fitnets); see `distillery methods`")
+    p.add_argument("--generations", type=int, metavar="N",
+                   help="repeat the distillation N times, each student teaching the next (tfkd_self)")
 
     p = sub.add_parser("eval", help="evaluate checkpoints on the test set",
-                       description="Top-1 accuracy and loss of each checkpoint on the configured test set.")
+                       description="Top-1 accuracy and loss of each checkpoint on the configured test set; with "
+                                   "--ensemble also of the ensemble averaging their probabilities.")
     _add_config_options(p)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="distillery checkpoint files")
+    p.add_argument("--ensemble", action="store_true",
+                   help="evaluate the ensemble of the checkpoints (averaged probabilities) and each member")
 
     sub.add_parser("models", help="list the registered model names")
     sub.add_parser("methods", help="list the distillation methods and their parameters")
@@ -108,7 +115,14 @@ def _rank_prefix() -> str:
 
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> RunConfig:
-    return load_config(args.config, [*args.overrides, *extra])
+    """The config file, then ``--method``'s stages, then the ``--set`` overrides, then other flags.
+
+    ``--set distill.stages.0.method.temperature=8`` thus tunes the stages ``--method`` chose.
+    """
+    first = []
+    if getattr(args, "method", None):
+        first.append("distill.stages=" + json.dumps(_default_stages(args)))
+    return load_config(args.config, [*first, *args.overrides, *extra])
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -122,20 +136,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distillery.methods import METHODS
 
         for name, cls in sorted(METHODS.items()):
-            fields = ", ".join(f"{k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+            fields = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}"
+                               for k, f in cls.Params.model_fields.items())
             summary = (cls.__doc__ or "").strip().splitlines()[0]
-            print(f"{name}: {summary}" + (f"\n    {fields}" if fields else ""))
+            stages = [stage["method"]["name"] for stage in cls.default_stages()]
+            print(f"{name}: {summary}" + (f"\n    {fields}" if fields else "")
+                  + (f"\n    --method {name} runs the stages {' → '.join(stages)}" if len(stages) > 1 else ""))
         return 0
 
     extra = []
-    if getattr(args, "method", None):
-        extra = ["distill.stages=" + json.dumps([{"method": {"name": args.method}}])]
     if getattr(args, "teacher", None):
-        extra.append(f"teacher.checkpoint={args.teacher}")
+        extra.append(f"teacher.checkpoint={json.dumps(args.teacher[0])}")
+        extra.append(f"teacher.ensemble={json.dumps(args.teacher[1:])}")
+    if getattr(args, "generations", None) is not None:
+        extra.append(f"distill.generations={args.generations}")
     config = _config(args, extra)
     progress = not args.no_progress
     if args.command == "eval":
-        return _eval(config, args.checkpoints)
+        return _eval(config, args.checkpoints, args.ensemble)
     from distillery.train import distributed
 
     # Distributed: under torchrun every process joins the group here (gloo on CPU, nccl on CUDA);
@@ -163,13 +181,19 @@ def _train_commands(args: argparse.Namespace, config: RunConfig, progress: bool,
         else:
             trained = pipeline.train_student_alone(config, data, **common)
     else:
-        if not config.teacher.checkpoint:
-            default = pipeline.Path(config.output_dir) / config.name / "teacher" / "checkpoint.pt"
-            if not default.exists():
-                raise ConfigError(f"distill needs a teacher: pass --teacher CHECKPOINT, set teacher.checkpoint, "
-                                  f"or train one first with `distillery train --role teacher` (looked for {default})")
-            config.teacher.checkpoint = str(default)
-        teacher, key = pipeline.get_teacher(config, data, **common)
+        teacher, key = None, ""
+        if pipeline.teaches_itself(config) and not args.teacher:
+            teacher = pipeline.train_student_alone(config, data, **common)
+            key = pipeline.run_key(teacher)
+        elif pipeline.needs_teacher(config):
+            if not config.teacher.checkpoint:
+                default = pipeline.Path(config.output_dir) / config.name / "teacher" / "checkpoint.pt"
+                if not default.exists():
+                    raise ConfigError(f"distill needs a teacher: pass --teacher CHECKPOINT, set teacher.checkpoint, "
+                                      f"or train one first with `distillery train --role teacher` (looked for "
+                                      f"{default})")
+                config.teacher.checkpoint = str(default)
+            teacher, key = pipeline.get_teacher(config, data, **common)
         trained = pipeline.distill_student(config, data, teacher, key, **common)
     final = trained.history[-1] if trained.history else {}
     if not is_main:
@@ -179,17 +203,49 @@ def _train_commands(args: argparse.Namespace, config: RunConfig, progress: bool,
     return 0
 
 
-def _eval(config: RunConfig, checkpoints: Sequence[str]) -> int:
+def _default_stages(args: argparse.Namespace) -> list[dict]:
+    """``--method NAME``: the method's default stages; a stage's partial ``train`` settings (e.g. a
+    smaller stage-1 learning rate) are laid over the config's ``student.train``."""
+    from distillery.methods import method_class
+
+    stages = method_class(args.method).default_stages()
+    if not any("train" in stage for stage in stages):
+        return stages
+    plain = [{k: v for k, v in stage.items() if k != "train"} for stage in stages]
+    config = load_config(args.config, ["distill.stages=" + json.dumps(plain), *args.overrides])
+    base = config.student.train.model_dump(mode="json")
+    return [{**stage, "train": _merged(base, stage["train"])} if "train" in stage else stage for stage in stages]
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _eval(config: RunConfig, checkpoints: Sequence[str], ensemble: bool = False) -> int:
     from distillery import pipeline
-    from distillery.train import evaluate, resolve_device
+    from distillery.train import evaluate, evaluate_ensemble, resolve_device
 
     _, test = pipeline.load_data(config)
     device = resolve_device(config.device)
     trusted = {config.teacher.model.name, config.student.model.name}
+    models = []
     for path in checkpoints:
         model, spec = pipeline.load_trained_model(path, None, test, trusted_models=trusted)
-        metrics = evaluate(model.to(device), test, config.data.eval_batch_size, device)
+        models.append((path, spec, model.to(device)))
+    if not ensemble:
+        for path, spec, model in models:
+            metrics = evaluate(model, test, config.data.eval_batch_size, device)
+            print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
+        return 0
+    result = evaluate_ensemble([m for _, _, m in models], test, config.data.eval_batch_size, device)
+    for (path, spec, _), metrics in zip(models, result["members"]):
         print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
+    metrics = result["ensemble"]
+    print(f"ensemble of {len(models)} (averaged probabilities): test accuracy {100 * metrics['accuracy']:.2f} %  "
+          f"loss {metrics['loss']:.4f}")
     return 0
 
 

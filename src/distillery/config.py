@@ -93,6 +93,9 @@ class TeacherConfig(Section):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: str | None = Field(None, description="use this trained teacher instead of training one")
+    ensemble: list[str] = Field(default_factory=list,
+                                description="more trained teacher checkpoints: the teacher becomes the ensemble of "
+                                            "the teacher and these (for method 'ensemble')")
 
 
 class StudentConfig(Section):
@@ -102,6 +105,8 @@ class StudentConfig(Section):
 
 class DistillConfig(Section):
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
+    generations: int = Field(1, ge=1, description="repeat the distillation, generation k's student teaching "
+                                                  "generation k+1 (Tf-KD_self, born-again networks)")
 
 
 class RunConfig(Section):
@@ -145,11 +150,12 @@ def fingerprint(section: BaseModel | dict) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML file (or the shipped default recipe), apply ``key=value`` overrides, validate."""
-    path = Path(path) if path is not None else default_recipe()
+    path = resolve_recipe(path) if path is not None else default_recipe()
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path} (shipped recipes, usable by name: "
+                          f"{', '.join(shipped_recipes())})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -182,6 +188,20 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 def default_recipe() -> Path:
     return Path(__file__).parent / "recipes" / "fmnist.yaml"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped in ``distillery/recipes`` (usable as ``--config NAME``)."""
+    return sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A file path as given, or the shipped recipe of that name (``fsp`` → ``distillery/recipes/fsp.yaml``)."""
+    path = Path(path)
+    shipped = Path(__file__).parent / "recipes" / f"{path.name}.yaml"
+    if not path.exists() and path.parent == Path(".") and not path.suffix and shipped.exists():
+        return shipped
+    return path
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "log_soften",
     "kd_loss",
     "soft_target_loss",
+    "ensemble_probs",
     "hinton_loss",
     "logit_matching_loss",
     "label_smoothing_targets",
@@ -31,6 +32,7 @@ __all__ = [
     "hint_loss",
     "fsp_matrix",
     "fsp_loss",
+    "pool_to_common_size",
 ]
 
 
@@ -68,6 +70,17 @@ def soft_target_loss(student_logits: Tensor, target_probs: Tensor, temperature: 
     # xlogy gives 0 where the target is 0 instead of 0·(−inf) = nan.
     kl = torch.xlogy(target, target) - target * log_q_student
     return kl.sum(dim=-1).mean() * temperature**2
+
+
+def ensemble_probs(member_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """An ensemble's distribution: the average of its members' softened outputs, p = (1/M) Σ_m q_m(T).
+
+    ``member_logits`` is M×N×K (M members) or N×K (one network, returned softened). Averaging
+    probabilities, not logits, is Hinton et al.'s ensemble teacher; at T = 1 it is the usual
+    prediction of an ensemble.
+    """
+    probs = soften(member_logits, temperature)
+    return probs.mean(dim=0) if member_logits.dim() == 3 else probs
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -157,14 +170,18 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
         raise ValueError(
             f"FSP needs N×C×H×W feature maps, got shapes {tuple(first.shape)} and {tuple(second.shape)}"
         )
-    first, second = _pool_to_common_size(first, second)
+    first, second = pool_to_common_size(first, second)
     n, _, h, w = first.shape
     f1 = first.float().flatten(2)  # N×m×hw
     f2 = second.float().flatten(2)  # N×n×hw
     return torch.bmm(f1, f2.transpose(1, 2)) / (h * w)
 
 
-def _pool_to_common_size(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+def pool_to_common_size(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    """Max-pool the spatially larger of two N×C×H×W maps down to the other's size (FSP, hints).
+
+    Raises ``ValueError`` when the larger size is not a whole multiple of the smaller.
+    """
     size1, size2 = first.shape[-2:], second.shape[-2:]
     if size1 == size2:
         return first, second

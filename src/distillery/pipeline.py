@@ -23,8 +23,9 @@ from torch import nn
 
 from distillery.config import ModelConfig, RunConfig, TrainConfig, fingerprint
 from distillery.data import ImageDataset, load_idx_dataset
-from distillery.methods import Teacher, create_method
+from distillery.methods import Teacher, create_method, method_class
 from distillery.methods.cross_entropy import CrossEntropy
+from distillery.methods.tfkd import TfKDSelf
 from distillery.models import create_model
 from distillery.report import (
     ModelRow,
@@ -63,9 +64,10 @@ def load_data(config: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     return train, test
 
 
-def build_model(spec: ModelConfig, data: ImageDataset) -> nn.Module:
+def build_model(spec: ModelConfig, data: ImageDataset, num_classes: int | None = None) -> nn.Module:
+    """The network ``spec`` names, sized for ``data`` (``num_classes`` overrides the data's class count)."""
     try:
-        return create_model(spec.name, in_channels=data.in_channels, num_classes=data.num_classes,
+        return create_model(spec.name, in_channels=data.in_channels, num_classes=num_classes or data.num_classes,
                             input_size=data.input_size, **spec.kwargs)
     except TypeError as err:  # an option the factory does not take, or a missing one
         raise ValueError(f"model {spec.name!r} cannot be built with kwargs {spec.kwargs}: {err}") from None
@@ -79,6 +81,9 @@ def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDa
     A spec read from the file may name only a registered model, or a ``package.module:callable``
     listed in ``trusted_models`` (the user's own config): otherwise a tampered file could make us
     import and call any function with arguments of its choosing.
+
+    A distillery checkpoint keeps its own class count, so a teacher trained on another task loads
+    as it was trained (feature methods such as fsp and fitnets can use it).
     """
     weights, meta = load_weights(path)
     if spec is None:
@@ -93,7 +98,7 @@ def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDa
                 f"{path}: the checkpoint names the user model {spec.name!r}; code named by a file is not imported. "
                 "Name the same model in your config (teacher.model or student.model) to allow it."
             )
-    model = build_model(spec, data)
+    model = build_model(spec, data, (meta or {}).get("num_classes"))
     load_model_state(model, weights, str(path))
     return model, spec
 
@@ -178,7 +183,7 @@ def get_teacher(config: RunConfig, data: tuple[ImageDataset, ImageDataset], *, r
     stages = [("ce", {}, config.teacher.train)]
     trained = train_model(config, "teacher", config.teacher.model, stages, data, resume=resume,
                           overwrite=overwrite, progress=progress)
-    return trained, fingerprint({"teacher_run": str(trained.run_dir), "history": trained.history[-1:]})
+    return trained, run_key(trained)
 
 
 def train_student_alone(config: RunConfig, data: tuple[ImageDataset, ImageDataset], **kwargs: Any) -> TrainedModel:
@@ -186,11 +191,62 @@ def train_student_alone(config: RunConfig, data: tuple[ImageDataset, ImageDatase
     return train_model(config, "student_alone", config.student.model, stages, data, **kwargs)
 
 
-def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], teacher: TrainedModel,
+def needs_teacher(config: RunConfig) -> bool:
+    """Whether any distillation stage reads a teacher network (tfkd_reg, label_smoothing, ce do not)."""
+    return any(method_class(s.method.name).needs_teacher for s in config.distill.stages)
+
+
+def teaches_itself(config: RunConfig) -> bool:
+    """Tf-KD_self: the teacher is the student's own architecture trained alone, not the configured teacher.
+
+    The main job always distils from ``student_alone`` then; ``distillery distill`` does unless
+    ``--teacher`` names another trained copy of the student.
+    """
+    return any(s.method.name == TfKDSelf.name for s in config.distill.stages)
+
+
+def load_ensemble_members(config: RunConfig, data: ImageDataset) -> tuple[list[nn.Module], str]:
+    """The extra teacher networks of ``teacher.ensemble`` and a key identifying them."""
+    members, files = [], []
+    for path in config.teacher.ensemble:
+        model, _ = load_trained_model(path, None, data)
+        members.append(model.to(resolve_device(config.device)).eval())
+        files.append([str(Path(path).resolve()), Path(path).stat().st_mtime])
+    return members, fingerprint({"ensemble": files}) if files else ""
+
+
+def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], teacher: TrainedModel | None,
                     teacher_key: str, **kwargs: Any) -> TrainedModel:
+    """Distil the student through ``distill.stages`` into ``student_distilled``.
+
+    With ``distill.generations`` = G > 1 the distillation repeats: generation k (in
+    ``student_distilled_gen{k}``) teaches generation k + 1, and the last lands in
+    ``student_distilled``. ``teacher`` may be None when no stage needs one.
+    """
     stages = [(s.method.name, s.method.params, s.train or config.student.train) for s in config.distill.stages]
-    return train_model(config, "student_distilled", config.student.model, stages, data,
-                       teacher=Teacher(teacher.model), teacher_key=teacher_key, **kwargs)
+    if not needs_teacher(config):
+        teacher, teacher_key = None, ""
+    elif teacher is None:
+        raise ValueError(f"methods {[s[0] for s in stages]} need a teacher")
+    generations = config.distill.generations
+    if teacher is None and generations > 1:
+        raise ValueError(f"distill.generations = {generations} needs a method with a teacher "
+                         f"(each generation teaches the next); got {[s[0] for s in stages]}")
+    extra, extra_key = load_ensemble_members(config, data[0]) if teacher is not None else ([], "")
+    current, key = teacher, teacher_key + extra_key
+    for k in range(1, generations + 1):
+        role = "student_distilled" if k == generations else f"student_distilled_gen{k}"
+        members = [current.model, *(extra if k == 1 else [])] if current is not None else []
+        trained = train_model(config, role, config.student.model, stages, data,
+                              teacher=Teacher(members) if members else None, teacher_key=key, **kwargs)
+        if current is not None:
+            current, key = trained, run_key(trained)
+    return trained
+
+
+def run_key(trained: TrainedModel) -> str:
+    """A key identifying a network trained in its run folder (for the fingerprints of its students)."""
+    return fingerprint({"teacher_run": str(trained.run_dir), "history": trained.history[-1:]})
 
 
 @dataclass
@@ -219,7 +275,11 @@ def run_main_job(config: RunConfig, *, resume: bool = False, overwrite: bool = F
     common = {"resume": resume, "overwrite": overwrite, "progress": progress}
     teacher, teacher_key = get_teacher(config, data, **common)
     alone = train_student_alone(config, data, **common)
-    distilled = distill_student(config, data, teacher, teacher_key, **common)
+    if teaches_itself(config):
+        distill_from, distill_key = alone, run_key(alone)
+    else:
+        distill_from, distill_key = teacher, teacher_key
+    distilled = distill_student(config, data, distill_from, distill_key, **common)
     if not distributed.current().is_main:
         return None
     device = resolve_device(config.device)

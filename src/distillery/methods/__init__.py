@@ -12,9 +12,18 @@ from pydantic import ValidationError
 
 from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher, run_student
 from distillery.methods.cross_entropy import CrossEntropy
+from distillery.methods.ensemble import EnsembleKD
+from distillery.methods.fitnets import FitNets
+from distillery.methods.fsp import FSP
 from distillery.methods.hinton import HintonKD
+from distillery.methods.label_smoothing import LabelSmoothing
+from distillery.methods.logits import LogitMatching
+from distillery.methods.tfkd import TfKDReg, TfKDSelf
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (CrossEntropy, HintonKD)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (CrossEntropy, HintonKD, LogitMatching, EnsembleKD, LabelSmoothing, FitNets, FSP, TfKDSelf, TfKDReg)
+}
 
 
 def method_class(name: str) -> type[Method]:

@@ -5,22 +5,35 @@ checkpointed with the student). Each training step it receives the student's and
 outputs, including the features of the layers it asked to tap, and returns its loss terms by name,
 already weighted; the trainer minimises their sum and logs each term.
 
-    method = HintonKD(HintonKD.Params(temperature=4, kd_weight=0.9, ce_weight=0.1))
-    terms = method(student_out, teacher_out, targets)     # {"ce": ..., "kd": ...}
-    sum(terms.values()).backward()
+In a plain training loop (``loader`` yields inputs, targets and dataset indices):
+
+    method = create_method("hinton", temperature=4, kd_weight=0.9, ce_weight=0.1)
+    method.setup(student, teacher, example_inputs)          # checks the pair, builds learnable parts
+    method.prepare(teacher, batch_loader)                   # only methods with stored targets need this
+    for inputs, targets, index in loader:
+        teacher_out = method.teacher_outputs(teacher, inputs)
+        student_out = run_student(student, inputs, method.student_layers)
+        terms = method(student_out, teacher_out, targets, index)   # {"ce": ..., "kd": ...}
+        sum(terms.values()).backward()
+
+Optimise ``method.parameters()`` together with the student's (FitNets' regressor lives there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from distillery.taps import FeatureTaps, check_layer_names
+
+if TYPE_CHECKING:
+    from distillery.data.loader import BatchLoader
 
 
 class MethodParams(BaseModel):
@@ -40,13 +53,16 @@ class ModelOutputs:
 class Method(nn.Module):
     """Base class: set ``name``, ``Params`` and implement :meth:`forward`.
 
-    ``needs_teacher`` says whether a teacher network must be given. ``student_layers`` and
-    ``teacher_layers`` name the submodules whose outputs the method reads.
+    ``needs_teacher`` says whether a teacher network must be given; ``accepts_ensemble`` whether
+    that teacher may be several networks (only methods that combine the members say yes: the
+    others would silently read the first member's features or mix the members' logits).
+    ``student_layers`` and ``teacher_layers`` name the submodules whose outputs the method reads.
     """
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_teacher: ClassVar[bool] = True
+    accepts_ensemble: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__()
@@ -63,13 +79,50 @@ class Method(nn.Module):
         """
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher")
+        if self.needs_teacher and teacher is not None and teacher.is_ensemble and not self.accepts_ensemble:
+            raise ValueError(
+                f"method {self.name!r} takes a single teacher, got an ensemble of {len(teacher.members)}; "
+                "use method 'ensemble' to distil an ensemble"
+            )
         check_layer_names(student, self.student_layers, "student")
-        if teacher is not None:
+        if teacher is not None and self.needs_teacher:
             for member in teacher.members:
                 check_layer_names(member, self.teacher_layers, "teacher")
 
-    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+    def prepare(self, teacher: Teacher | None, loader: BatchLoader, cache_dir: Path | None = None) -> None:
+        """Called once with the stage's training loader before the stage trains; a no-op by default.
+
+        Methods that precompute per-example teacher targets (FSP's stored matrices) do it here and
+        refuse loaders whose batches are augmented (a stored target would not match the input).
+        """
+
+    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor) -> ModelOutputs | None:
+        """The teacher's forward pass this step needs (logits and ``teacher_layers``), or None.
+
+        None when the method has no teacher or reads only stored targets; the trainer and user loops
+        call this instead of running the teacher themselves, so a method with stored targets costs
+        no teacher forward pass.
+        """
+        if teacher is None or not self.needs_teacher:
+            return None
+        return teacher(inputs, self.teacher_layers)
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
+        """The weighted loss terms by name.
+
+        ``index`` holds the batch's dataset indices (``Batch.index``); only methods with stored
+        per-example targets read it.
+        """
         raise NotImplementedError
+
+    @classmethod
+    def default_stages(cls) -> list[dict[str, Any]]:
+        """The ``distill.stages`` that ``distillery distill --method NAME`` runs: this method alone.
+
+        Two-stage methods (a stage-1 initialisation followed by a main-task stage) override this.
+        """
+        return [{"method": {"name": cls.name}}]
 
 
 class Teacher:
@@ -116,3 +169,17 @@ def run_student(student: nn.Module, inputs: Tensor, layers: Sequence[str] = ()) 
     with FeatureTaps(student, layers, "student") as taps:
         logits = student(inputs)
     return ModelOutputs(logits, dict(taps.features))
+
+
+@torch.no_grad()
+def probe_student(student: nn.Module, example: Tensor, layers: Sequence[str] = ()) -> ModelOutputs:
+    """One student forward pass in eval mode without grad, for shape checks in ``setup``.
+
+    Eval mode leaves batch-norm statistics untouched; the training flag is restored afterwards.
+    """
+    was_training = student.training
+    student.eval()
+    try:
+        return run_student(student, example, layers)
+    finally:
+        student.train(was_training)

@@ -14,5 +14,6 @@ class CrossEntropy(Method):
     name = "ce"
     needs_teacher = False
 
-    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
         return {"ce": F.cross_entropy(student.logits.float(), targets)}

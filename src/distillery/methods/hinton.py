@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distillery.losses import kd_loss
-from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher
+from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher, probe_student
 
 
 class HintonParams(MethodParams):
@@ -26,7 +26,8 @@ class HintonKD(Method):
         super().setup(student, teacher, example)
         check_same_classes(student, teacher, example, self.name)
 
-    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
         p = self.params
         assert teacher is not None
         return {
@@ -39,14 +40,8 @@ def check_same_classes(student: nn.Module, teacher: Teacher | None, example: Ten
     """Logit methods compare class by class: the teacher and student must output as many classes."""
     if teacher is None:
         return
-    import torch
-
-    with torch.no_grad():
-        was_training = student.training
-        student.eval()
-        k_student = student(example[:2]).shape[-1]
-        student.train(was_training)
-        k_teacher = teacher(example[:2]).logits.shape[-1]
+    k_student = probe_student(student, example[:2]).logits.shape[-1]
+    k_teacher = teacher(example[:2]).logits.shape[-1]
     if k_student != k_teacher:
         raise ValueError(
             f"method {method!r} compares logits, but the teacher outputs {k_teacher} classes and the "

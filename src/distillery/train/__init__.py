@@ -7,6 +7,7 @@ from distillery.train.loop import (
     Trainer,
     TrainingInterrupted,
     evaluate,
+    evaluate_ensemble,
     resolve_device,
     seed_everything,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_ensemble",
     "load_checkpoint",
     "resolve_device",
     "save_checkpoint",

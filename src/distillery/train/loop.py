@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from distillery.config import TrainConfig
 from distillery.data import Augment, BatchLoader, ImageDataset
+from distillery.losses import ensemble_probs
 from distillery.methods.base import Method, Teacher, run_student
 from distillery.train import distributed
 from distillery.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -153,9 +154,43 @@ class _StudentWithMethod(nn.Module):
         self.student = student
         self.method = method
 
-    def forward(self, inputs: Tensor, teacher_out: Any, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def forward(self, inputs: Tensor, teacher_out: Any, targets: Tensor,
+                index: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         student_out = run_student(self.student, inputs, self.method.student_layers)
-        return self.method(student_out, teacher_out, targets), student_out.logits
+        return self.method(student_out, teacher_out, targets, index), student_out.logits
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: Sequence[nn.Module], data: ImageDataset | BatchLoader, batch_size: int = 1000,
+                      device: torch.device | str | None = None) -> dict[str, Any]:
+    """Accuracy and loss of the ensemble that averages its members' probabilities, and of each member.
+
+    The ensemble predicts p = (1/M) Σ_m softmax(z_m) (:func:`distillery.losses.ensemble_probs` at
+    T = 1); its loss is the mean −log p_y. Returns ``{"ensemble": {...}, "members": [{...}, ...]}``,
+    each with ``accuracy`` and ``loss``. Reports use this for every ensemble figure.
+    """
+    if not models:
+        raise ValueError("an ensemble needs at least one model")
+    if isinstance(data, ImageDataset):
+        device = device or next(models[0].parameters()).device
+        data = BatchLoader(data, batch_size, device=device)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    n_models = len(models)
+    loss = torch.zeros(n_models + 1, device=data.device)
+    correct = torch.zeros(n_models + 1, device=data.device, dtype=torch.long)
+    for batch in data.epoch(0):
+        logits = torch.stack([m(batch.inputs).float() for m in models])  # M×N×K
+        probs = torch.cat([torch.softmax(logits, -1), ensemble_probs(logits).unsqueeze(0)])  # (M+1)×N×K
+        p_true = probs.gather(-1, batch.targets.view(1, -1, 1).expand(n_models + 1, -1, 1)).squeeze(-1)
+        loss += -torch.log(p_true.clamp_min(1e-12)).sum(-1)
+        correct += (probs.argmax(-1) == batch.targets).sum(-1)
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    n = len(data.order(0))
+    rows = [{"accuracy": correct[i].item() / n, "loss": loss[i].item() / n} for i in range(n_models + 1)]
+    return {"ensemble": rows[-1], "members": rows[:-1]}
 
 
 class Trainer:
@@ -214,10 +249,11 @@ class Trainer:
         self._stop_signal: int | None = None
         example = next(self.test_loader.epoch(0)).inputs[:8]
         _check_output_classes(self.student, example, train_data.num_classes, label)
-        for stage in self.stages:
+        for s, stage in enumerate(self.stages):
             stage.method.to(self.device)
             stage.method.setup(self.student, self.teacher, example)
             stage.method.to(self.device)
+            stage.method.prepare(self.teacher, self._train_loader(s), self.run_dir)
 
     # ------------------------------------------------------------------ public
 
@@ -261,14 +297,8 @@ class Trainer:
         stage = self.stages[s]
         cfg = stage.train
         method = stage.method
-        # --- Distributed: batch_size is global; each rank takes its share of every batch, and the
-        # student and method are wrapped together so DDP averages the gradients of both.
-        rank_batch = self._rank_batch_size(cfg.batch_size, s)
-        loader = BatchLoader(
-            self.train_data, rank_batch, shuffle=True, drop_last=len(self.train_data) >= cfg.batch_size,
-            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
-            device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+        loader = self._train_loader(s)
+        # --- Distributed: the student and method are wrapped together so DDP averages the gradients of both.
         self._net: nn.Module = _StudentWithMethod(self.student, method)
         if self.dist.enabled:
             self._net = nn.parallel.DistributedDataParallel(
@@ -303,7 +333,7 @@ class Trainer:
                             f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr)
             tick = time.perf_counter()
             for step, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
-                terms, logits = self._step(method, batch.inputs, batch.targets)
+                terms, logits = self._step(method, batch.inputs, batch.targets, batch.index)
                 for name, value in terms.items():
                     sums.terms[name] = sums.terms.get(name, 0) + value.detach() * len(batch.targets)
                 hits = (logits.detach().argmax(-1) == batch.targets).sum()
@@ -342,12 +372,24 @@ class Trainer:
             )
             self._save(Position(s, epoch + 1, 0))
 
-    def _step(self, method: Method, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        teacher_out = None
-        if self.teacher is not None and method.needs_teacher:
-            teacher_out = self.teacher(inputs, method.teacher_layers)
+    def _train_loader(self, s: int) -> BatchLoader:
+        """Stage ``s``'s training batches for this rank (also handed to ``method.prepare`` before training).
+
+        Distributed: ``batch_size`` is global; each rank takes its share of every batch.
+        """
+        cfg = self.stages[s].train
+        return BatchLoader(
+            self.train_data, self._rank_batch_size(cfg.batch_size, s), shuffle=True,
+            drop_last=len(self.train_data) >= cfg.batch_size,
+            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
+            device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+
+    def _step(self, method: Method, inputs: Tensor, targets: Tensor,
+              index: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        teacher_out = method.teacher_outputs(self.teacher, inputs)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            terms, logits = self._net(inputs, teacher_out, targets)
+            terms, logits = self._net(inputs, teacher_out, targets, index)
         loss = sum(terms.values())
         self._optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward()

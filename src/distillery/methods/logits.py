@@ -1,0 +1,40 @@
+"""Logit matching (Bucilă et al. 2006; Ba & Caruana 2014): regress the teacher's logits directly."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from distillery.losses import logit_matching_loss
+from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher
+from distillery.methods.hinton import check_same_classes
+
+
+class LogitParams(MethodParams):
+    logit_weight: float = Field(1.0, ge=0, description="weight of the squared logit difference ½·Σ_i (z_s,i − z_t,i)²")
+    ce_weight: float = Field(0.0, ge=0, description="weight of the hard-label cross-entropy (0: the papers use "
+                                                    "the teacher's logits only)")
+
+
+class LogitMatching(Method):
+    """L = logit_weight · ½·Σ_i (z_s,i − z_t,i)² + ce_weight · CE(y, softmax(z_s)), averaged over examples.
+
+    The high-temperature limit of Hinton's soft targets with zero-mean logits (up to a factor 1/K).
+    """
+
+    name = "logits"
+    Params = LogitParams
+
+    def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
+        super().setup(student, teacher, example)
+        check_same_classes(student, teacher, example, self.name)
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
+        assert teacher is not None
+        p = self.params
+        terms = {"logits": p.logit_weight * logit_matching_loss(student.logits, teacher.logits)}
+        if p.ce_weight:
+            terms["ce"] = p.ce_weight * F.cross_entropy(student.logits.float(), targets)
+        return terms

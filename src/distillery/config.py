@@ -101,6 +101,16 @@ class TeacherConfig(Section):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: str | None = Field(None, description="use this trained teacher instead of training one")
+    cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: store the teacher's logits once and reuse them wherever that is exact "
+                            "(stages without augmentation whose method reads only logits); off: always run it")
+    cache_dir: str | None = Field(None, description="folder of the teacher-output cache (default <output_dir>/cache)")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as false (and ``on`` as true): accept what the user meant."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 class StudentConfig(Section):

@@ -112,6 +112,7 @@ def train_model(
     *,
     teacher: Teacher | None = None,
     teacher_key: str = "",
+    teacher_cache: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -132,8 +133,9 @@ def train_model(
     model = build_model(model_config, train_data)
     stages = [Stage(create_method(name, **params), train) for name, params, train in stages_spec]
     trainer = Trainer(
-        model, train_data, test_data, stages, teacher=teacher, run_dir=run_dir, device=device, seed=config.seed,
-        amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role, progress=progress,
+        model, train_data, test_data, stages, teacher=teacher, teacher_cache=teacher_cache, run_dir=run_dir,
+        device=device, seed=config.seed, amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role,
+        progress=progress,
         meta={"model": model_config.model_dump(mode="json"), "fingerprint": key, "role": role,
               "dataset": config.data.dataset, "num_classes": train_data.num_classes},
     )
@@ -169,7 +171,15 @@ def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], 
                     teacher_key: str, **kwargs: Any) -> TrainedModel:
     stages = [(s.method.name, s.method.params, s.train or config.student.train) for s in config.distill.stages]
     return train_model(config, "student_distilled", config.student.model, stages, data,
-                       teacher=Teacher(teacher.model), teacher_key=teacher_key, **kwargs)
+                       teacher=Teacher(teacher.model), teacher_key=teacher_key,
+                       teacher_cache=teacher_cache_dir(config), **kwargs)
+
+
+def teacher_cache_dir(config: RunConfig) -> Path | None:
+    """Where the teacher-output cache lives, or None when ``teacher.cache`` is off."""
+    if config.teacher.cache == "off":
+        return None
+    return Path(config.teacher.cache_dir) if config.teacher.cache_dir else Path(config.output_dir) / "cache"
 
 
 @dataclass

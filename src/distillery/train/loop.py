@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from distillery.cache import CachedTeacher
 from distillery.config import TrainConfig
-from distillery.data import Augment, BatchLoader, ImageDataset
+from distillery.data import Augment, Batch, BatchLoader, ImageDataset
 from distillery.methods.base import Method, Teacher, run_student
 from distillery.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from distillery.train.optim import build_optimizer, build_scheduler
@@ -112,7 +113,8 @@ class Trainer:
 
     ``run_dir`` (optional) receives ``checkpoint.pt`` and ``metrics.jsonl``. ``meta`` is stored in
     the checkpoint as is (the model spec and config fingerprint, so the run can be rebuilt and
-    recognised).
+    recognised). ``teacher_cache`` (a folder) turns on the teacher-output cache for the stages where
+    it is exact: the method needs only the teacher's logits and the stage does not augment.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class Trainer:
         stages: Sequence[Stage],
         *,
         teacher: Teacher | None = None,
+        teacher_cache: str | Path | None = None,
         run_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
@@ -138,6 +141,7 @@ class Trainer:
         self.device = torch.device(device)
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
+        self.teacher_cache = Path(teacher_cache) if teacher_cache is not None else None
         self.train_data = train_data
         self.stages = list(stages)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -195,6 +199,7 @@ class Trainer:
             device=self.device,
         )
         method = stage.method
+        teacher = self._stage_teacher(method, loader)
         self._optimizer = build_optimizer(chain(self.student.parameters(), method.parameters()), cfg.optimizer)
         self._scheduler = build_scheduler(self._optimizer, cfg.schedule, len(loader), cfg.epochs)
         self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
@@ -218,7 +223,7 @@ class Trainer:
                             f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr)
             tick = time.perf_counter()
             for step, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
-                terms, logits = self._step(method, batch.inputs, batch.targets)
+                terms, logits = self._step(method, batch, teacher)
                 for name, value in terms.items():
                     sums.terms[name] = sums.terms.get(name, 0) + value.detach() * len(batch.targets)
                 hits = (logits.detach().argmax(-1) == batch.targets).sum()
@@ -257,10 +262,22 @@ class Trainer:
             )
             self._save(Position(s, epoch + 1, 0))
 
-    def _step(self, method: Method, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def _stage_teacher(self, method: Method, loader: BatchLoader) -> Teacher | CachedTeacher | None:
+        """The teacher for a stage: served from the cache when that is exact, else run on the fly."""
+        if self.teacher is None or not method.needs_teacher:
+            return None
+        if self.teacher_cache is None or method.teacher_layers or loader.augment.active:
+            return self.teacher
+        return CachedTeacher.build(self.teacher, self.train_data, self.teacher_cache, self.device)
+
+    def _step(self, method: Method, batch: Batch, teacher: Teacher | CachedTeacher | None,
+              ) -> tuple[dict[str, Tensor], Tensor]:
+        inputs, targets = batch.inputs, batch.targets
         teacher_out = None
-        if self.teacher is not None and method.needs_teacher:
-            teacher_out = self.teacher(inputs, method.teacher_layers)
+        if isinstance(teacher, CachedTeacher):
+            teacher_out = teacher(inputs, method.teacher_layers, index=batch.index)
+        elif teacher is not None:
+            teacher_out = teacher(inputs, method.teacher_layers)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             student_out = run_student(self.student, inputs, method.student_layers)
             terms = method(student_out, teacher_out, targets)

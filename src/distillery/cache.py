@@ -39,7 +39,7 @@ from distillery.methods.base import ModelOutputs, Teacher
 FORMAT_VERSION = 1
 # What BatchLoader does to a stored uint8 image before the network sees it (augmentation aside).
 # Part of the key: change the loader's preprocessing and bump this, and old entries are not reused.
-PREPROCESSING = "uint8/255 -> (x - mean) / std, float32, NCHW"
+PREPROCESSING = "uint8 -> float32 x * (1 / (255 std)) - mean / std, NCHW"
 _CHUNK = 1 << 24
 
 
@@ -48,14 +48,15 @@ class CacheRebuiltWarning(UserWarning):
 
 
 def _update_with_tensor(h: hashlib._Hash, t: Tensor) -> None:
+    # The strides tell memory formats apart (channels-last weights give slightly different outputs).
+    h.update(f"{t.dtype}{tuple(t.shape)}{t.stride()}".encode())
     t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def teacher_fingerprint(teacher: Teacher) -> str:
-    """SHA-256 of every member's class name and ``state_dict`` (names, dtypes, shapes, values)."""
+    """SHA-256 of every member's class name and ``state_dict`` (names, dtypes, shapes, strides, values)."""
     h = hashlib.sha256()
     for member in teacher.members:
         h.update(f"{type(member).__module__}.{type(member).__qualname__}".encode())

@@ -88,7 +88,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@torch.no_grad()
+def prefer_channels_last(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Store a convolutional network's 4-D weights channels-last (NHWC) when running on the CPU.
+
+    On CPU, oneDNN's NHWC convolutions are measurably faster for the CIFAR/MNIST-size networks
+    here (ResNet-8 training step ~20 % less time, SmallCNN ~30 %, ResNet-20 inference ~20 %, one
+    thread; see ``distillery bench``). Networks without ``Conv2d`` are returned unchanged. Converts
+    in place (like ``.to``); results agree with the default layout up to float rounding.
+    """
+    if torch.device(device).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int = 1000,
              device: torch.device | str | None = None) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` (in eval mode)."""
@@ -139,8 +152,10 @@ class Trainer:
         if not stages:
             raise ValueError("a run needs at least one stage")
         self.device = torch.device(device)
-        self.student = student.to(self.device)
+        self.student = prefer_channels_last(student.to(self.device), self.device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
+        for member in self.teacher.members if self.teacher is not None else ():
+            prefer_channels_last(member, self.device)
         self.teacher_cache = Path(teacher_cache) if teacher_cache is not None else None
         self.train_data = train_data
         self.stages = list(stages)

@@ -25,8 +25,10 @@ def make_data(n: int = 192, seed: int = 0) -> ImageDataset:
     return ImageDataset(images, labels, (0.5,), (0.25,), num_classes=4)
 
 
-def make_teacher(seed: int = 1) -> Teacher:
+def make_teacher(seed: int = 1, kind: str = "mlp") -> Teacher:
     torch.manual_seed(seed)
+    if kind == "cnn":  # convolutional: the Trainer runs it channels-last on CPU
+        return Teacher(create_model("cnn", in_channels=1, num_classes=4, input_size=8, width=4, fc_width=8))
     return Teacher(create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=(32,)))
 
 
@@ -77,8 +79,9 @@ def test_ensemble_logits_are_cached_member_by_member(tmp_path):
     assert torch.equal(out, ensemble(batch.inputs).logits)
 
 
-def test_training_with_cache_reaches_the_same_weights_without_running_the_teacher(tmp_path):
-    data, teacher = make_data(), make_teacher()
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_training_with_cache_reaches_the_same_weights_without_running_the_teacher(tmp_path, kind):
+    data, teacher = make_data(), make_teacher(kind=kind)
     plain, plain_history = train(data, teacher, None)
     first = counting(teacher)
     cached, cached_history = train(data, first, tmp_path / "cache")

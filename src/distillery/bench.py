@@ -17,11 +17,15 @@ limit of distillation). Rows:
 The FSP rows use :func:`fsp_stage1_loop`, a small adapter over ``losses.fsp_matrix`` /
 ``losses.fsp_loss``, until the ``fsp`` method can serve stored matrices through the Trainer.
 
-Each row runs in its own subprocess, times ``steps`` steps after as many warm-up steps (the
-Trainer rows: a warm-up epoch, then a timed epoch of ``steps`` batches) and reports its peak memory
-as the rise of ``ru_maxrss`` (the process's peak resident set, CPU) over the level after loading its
-data and models. Networks are randomly initialised: speed does not depend on the weights.
-Benchmarks are noisy on a shared machine; compare ratios within one run.
+Speed: one subprocess per workload sets up all its rows, runs a warm-up round, then interleaves
+them in rounds (each round: one short epoch of :data:`CHUNK` steps of every row in turn), so a busy
+spell on a shared machine slows every row alike; images/s comes from the lower-quartile step time
+(interference only ever slows a step down), and the median CPU time per image is reported too.
+Memory: one more subprocess per row measures the rise of its peak resident set (``VmHWM``, reset
+via ``/proc/self/clear_refs``) over the level after loading its data and models; CPU only, no
+CUDA. Networks are randomly initialised: speed does not depend on the weights. Benchmarks are
+noisy on a shared machine; compare ratios within one run, and prefer ``--threads 1`` there (two
+OpenMP threads competing with other processes for two cores slow down erratically).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -46,6 +50,7 @@ from torch import Tensor, nn
 
 BATCH = 128
 EVAL_BATCH = 256
+CHUNK = 5  # steps of each row per round (one epoch of the row's small dataset)
 PAIRS = {  # workload name: (teacher model, student model, student kwargs)
     "resnet20→resnet8": ("resnet20", "resnet8", {}),
     "mlp1200²→mlp800²": ("mlp_hinton_teacher", "mlp", {"hidden": [800, 800]}),
@@ -177,16 +182,15 @@ def timed(batches: Iterable[T], stamps: list[tuple[float, float]]) -> Iterator[T
     stamps.append(stamp())
 
 
-def typical_step(stamps: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """The lower-quartile wall time of a step, and the median CPU time of a step (seconds).
+def typical_of(durations: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Lower-quartile wall time and median CPU time of (wall, cpu) step durations.
 
     Other processes on a shared CPU only ever slow a step down, so the lower quartile is robust to
     them (on a quiet machine it is close to the median). CPU time counts every thread of this
-    process and barely depends on the machine's load: compare it between rows when the wall
-    clock is too noisy.
+    process; with one thread it barely depends on the machine's load.
     """
-    walls = sorted(b[0] - a[0] for a, b in zip(stamps, stamps[1:]))
-    cpus = sorted(b[1] - a[1] for a, b in zip(stamps, stamps[1:]))
+    walls = sorted(d[0] for d in durations)
+    cpus = sorted(d[1] for d in durations)
     return walls[(len(walls) - 1) // 4], cpus[(len(cpus) - 1) // 2]
 
 
@@ -206,8 +210,10 @@ def _load_setup(workdir: Path, workload: str):
     return train, test, teacher, student
 
 
-def run_row(workdir: Path, workload: str, row: str, steps: int) -> dict[str, float | str]:
-    """Time one row; returns images/s, the typical step's seconds and the peak-memory rise in MB."""
+def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int], list[tuple[float, float]]], int]:
+    """Set up one row; returns ``run(round)`` — one epoch of the row's small dataset, giving each
+    step's (wall, CPU) seconds — and the row's batch size. State (weights, optimiser) carries on
+    from round to round, as in training."""
     from distillery.config import TrainConfig
     from distillery.data import BatchLoader
     from distillery.methods import Teacher, create_method
@@ -216,40 +222,46 @@ def run_row(workdir: Path, workload: str, row: str, steps: int) -> dict[str, flo
 
     torch.manual_seed(0)
     train, test, teacher_net, student = _load_setup(workdir, workload)
-    memory = PeakMemory()
-    memory.reset()
-    stamps: list[tuple[float, float]] = []
-    batch_size = BATCH
+
+    def durations(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
+
     if row in ("ce alone", "kd on the fly", "kd cached"):
+        stamps: list[tuple[float, float]] = []
 
         class StepTimedTrainer(Trainer):
-            def _step(self, *args, **kwargs):  # stamp at each step's start, over the second (timed) epoch
+            def _step(self, *args, **kwargs):  # stamp each step's start (loop bookkeeping included)
                 stamps.append(stamp())
                 return super()._step(*args, **kwargs)
 
             def _epoch_record(self, *args, **kwargs):
-                if len(stamps) == 2 * steps:
-                    stamps.append(stamp())
-                    del stamps[:steps]
+                stamps.append(stamp())
                 return super()._epoch_record(*args, **kwargs)
 
         method = create_method("ce") if row == "ce alone" else create_method("hinton", **KD)
-        cfg = TrainConfig(epochs=2, batch_size=BATCH, schedule={"name": "constant"},
+        cfg = TrainConfig(epochs=1, batch_size=BATCH, schedule={"name": "constant"},
                           optimizer={"name": "sgd", "lr": SGD["lr"], "momentum": SGD["momentum"],
                                      "weight_decay": SGD["weight_decay"]})
-        trainer = StepTimedTrainer(student, train, test.subset(EVAL_BATCH), [Stage(method, cfg)],
-                                   teacher=Teacher(teacher_net), progress=False, echo=lambda line: None,
-                                   teacher_cache=workdir / "cache" if row == "kd cached" else None)
-        trainer.fit()  # epoch 1 warms up, epoch 2 is timed
-    elif row == "kd reference":
-        g = torch.Generator().manual_seed(0)
-        batches = []
-        for _ in range(2):
-            perm = torch.randperm(len(train), generator=g)
-            batches += [(train.images[i], train.labels[i]) for i in perm.split(BATCH)]
-        reference_kd_loop(teacher_net, student, batches[:steps], train.mean[0], train.std[0], **KD)
-        reference_kd_loop(teacher_net, student, timed(batches[steps:], stamps), train.mean[0], train.std[0], **KD)
-    elif row.startswith("fsp1"):
+        small_test = test.subset(EVAL_BATCH)
+
+        def run_trainer(r: int) -> list[tuple[float, float]]:
+            stamps.clear()
+            StepTimedTrainer(student, train, small_test, [Stage(method, cfg)], teacher=Teacher(teacher_net),
+                             seed=r, progress=False, echo=lambda line: None,
+                             teacher_cache=workdir / "cache" if row == "kd cached" else None).fit()
+            return durations(stamps)
+
+        return run_trainer, BATCH
+    if row == "kd reference":
+        def run_reference(r: int) -> list[tuple[float, float]]:
+            stamps: list[tuple[float, float]] = []
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(r))
+            batches = [(train.images[i], train.labels[i]) for i in perm.split(BATCH)]
+            reference_kd_loop(teacher_net, student, timed(batches, stamps), train.mean[0], train.std[0], **KD)
+            return durations(stamps)
+
+        return run_reference, BATCH
+    if row.startswith("fsp1"):
         prefer_channels_last(student, "cpu")
         prefer_channels_last(teacher_net, "cpu")
         loader = BatchLoader(train, BATCH, shuffle=True, drop_last=True)
@@ -261,47 +273,82 @@ def run_row(workdir: Path, workload: str, row: str, steps: int) -> dict[str, flo
             cache = TeacherCache(workdir / "cache", f"fsp-{workload}")
             stored = [cache.load(f"fsp{i}", len(train)) for i in range(len(FSP_PAIRS))]
             assert all(s is not None for s in stored), "the parent process stores the FSP matrices first"
-        fsp_stage1_loop(student, loader.epoch(0), teacher=teacher, stored=stored)
-        fsp_stage1_loop(student, timed(loader.epoch(1), stamps), teacher=teacher, stored=stored)
-    elif row == "eval evaluate()":
-        batch_size = EVAL_BATCH
+
+        def run_fsp(r: int) -> list[tuple[float, float]]:
+            stamps: list[tuple[float, float]] = []
+            fsp_stage1_loop(student, timed(loader.epoch(r), stamps), teacher=teacher, stored=stored)
+            return durations(stamps)
+
+        return run_fsp, BATCH
+    if row == "eval evaluate()":
         prefer_channels_last(student, "cpu")  # as the Trainer leaves it; the bare loop gets the same model
         loader = BatchLoader(test, EVAL_BATCH)
 
-        class StepTimedLoader:  # evaluate() reads the loader's epoch(), device and order()
-            device = loader.device
+        def run_evaluate(r: int) -> list[tuple[float, float]]:
+            stamps: list[tuple[float, float]] = []
 
-            def epoch(self, epoch):
-                return timed(loader.epoch(epoch), stamps)
+            class StepTimedLoader:  # evaluate() reads the loader's epoch(), device and order()
+                device = loader.device
 
-            def order(self, epoch):
-                return loader.order(epoch)
+                def epoch(self, epoch):
+                    return timed(loader.epoch(epoch), stamps)
 
-        evaluate(student, loader)
-        evaluate(student, StepTimedLoader())  # type: ignore[arg-type]
-    elif row == "eval bare model(x)":
-        batch_size = EVAL_BATCH
+                def order(self, epoch):
+                    return loader.order(epoch)
+
+            evaluate(student, StepTimedLoader())  # type: ignore[arg-type]
+            return durations(stamps)
+
+        return run_evaluate, EVAL_BATCH
+    if row == "eval bare model(x)":
         prefer_channels_last(student, "cpu")
         batches = [(test.images[i:i + EVAL_BATCH].float() / 255 - test.mean[0]) / test.std[0]
                    for i in range(0, len(test), EVAL_BATCH)]
-        student.eval()
-        with torch.inference_mode():
-            for x in batches:
-                student(x)
-            for x in timed(batches, stamps):
-                student(x)
-    else:
-        raise ValueError(f"unknown bench row {row!r}; rows: {', '.join(ROWS)}")
-    seconds, cpu_seconds = typical_step(stamps)
-    return {"images_per_s": batch_size / seconds, "seconds": seconds,
-            "cpu_ms_per_image": 1000 * cpu_seconds / batch_size, "steps": len(stamps) - 1,
-            "peak_rss_mb": memory.rise_mb(), "memory": memory.how}
+
+        def run_bare(r: int) -> list[tuple[float, float]]:
+            stamps: list[tuple[float, float]] = []
+            student.eval()
+            with torch.inference_mode():
+                for x in timed(batches, stamps):
+                    student(x)
+            return durations(stamps)
+
+        return run_bare, EVAL_BATCH
+    raise ValueError(f"unknown bench row {row!r}; rows: {', '.join(ROWS)}")
+
+
+def speed_of_rows(workdir: Path, workload: str, rounds: int) -> dict[str, dict[str, float]]:
+    """Interleave the workload's rows: a warm-up round, then ``rounds`` rounds of one short epoch of
+    each row in turn, so a busy spell on a shared machine hits every row alike."""
+    rows = {row: make_row(workdir, workload, row) for row in _rows_for(workload)}
+    steps: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
+    for r in range(rounds + 1):
+        for row, (run, _) in rows.items():
+            measured = run(r)
+            if r > 0:
+                steps[row] += measured
+    out = {}
+    for row, (_, batch_size) in rows.items():
+        wall, cpu = typical_of(steps[row])
+        out[row] = {"images_per_s": batch_size / wall, "seconds": wall, "cpu_ms_per_image": 1000 * cpu / batch_size,
+                    "steps": len(steps[row])}
+    return out
+
+
+def memory_of_row(workdir: Path, workload: str, row: str) -> dict[str, float | str]:
+    """Peak-memory rise of one row over two rounds (the peak is reached in the first step)."""
+    run, _ = make_row(workdir, workload, row)
+    memory = PeakMemory()
+    memory.reset()
+    run(0)
+    run(1)
+    return {"peak_rss_mb": memory.rise_mb(), "memory": memory.how}
 
 
 # ---------------------------------------------------------------- the parent: prepare, spawn, report
 
 
-def _prepare(workdir: Path, steps: int, data_root: str | None, echo) -> None:
+def _prepare(workdir: Path, data_root: str | None, echo) -> None:
     """Write the data subset and initial weights every row shares, and fill the teacher caches."""
     from distillery.cache import CachedTeacher, TeacherCache
     from distillery.data import BatchLoader, load_idx_dataset
@@ -309,8 +356,8 @@ def _prepare(workdir: Path, steps: int, data_root: str | None, echo) -> None:
     from distillery.models import create_model
     from distillery.train.loop import prefer_channels_last
 
-    train = load_idx_dataset("fashion_mnist", "train", data_root).subset(steps * BATCH, seed=0)
-    test = load_idx_dataset("fashion_mnist", "test", data_root).subset(steps * EVAL_BATCH, seed=0)
+    train = load_idx_dataset("fashion_mnist", "train", data_root).subset(CHUNK * BATCH, seed=0)
+    test = load_idx_dataset("fashion_mnist", "test", data_root).subset(CHUNK * EVAL_BATCH, seed=0)
     torch.save({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
                 "test_labels": test.labels, "mean": train.mean[0], "std": train.std[0]}, workdir / "data.pt")
     for workload, (teacher_name, student_name, student_kwargs) in PAIRS.items():
@@ -340,15 +387,15 @@ def _rows_for(workload: str) -> list[str]:
     return [r for r in ROWS if not (r.startswith("fsp") and not PAIRS[workload][0].startswith("resnet"))]
 
 
-def _spawn(workdir: Path, workload: str, row: str, steps: int, threads: int | None) -> dict:
+def _spawn(workdir: Path, args: list[str], threads: int | None) -> dict:
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "distillery.bench", "--child", "--workdir", str(workdir), "--workload", workload,
-           "--row", row, "--steps", str(steps)] + (["--threads", str(threads)] if threads else [])
+    cmd = [sys.executable, "-m", "distillery.bench", "--workdir", str(workdir), *args]
+    cmd += ["--threads", str(threads)] if threads else []
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"bench row {workload} / {row} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"bench child {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -356,25 +403,29 @@ def run_bench(steps: int = 20, output: str | Path = "runs/bench", data_root: str
               threads: int | None = None, echo=print) -> tuple[list[Result], str, Path]:
     """Run every row, print and write the table; returns the results, the markdown and its path.
 
-    ``threads``: torch threads in each row (default: torch's default, one per core).
+    ``steps``: timed steps per row (rounded up to whole rounds of :data:`CHUNK`). ``threads``:
+    torch threads in each row (default: torch's default, one per core).
     """
     threads = threads or torch.get_num_threads()
+    rounds = max(1, -(-steps // CHUNK))
     started = dt.datetime.now(dt.timezone.utc)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="distillery-bench-") as tmp:
         workdir = Path(tmp)
-        echo(f"preparing {steps} steps of batch {BATCH} per row ...")
-        _prepare(workdir, steps, data_root, echo)
+        echo(f"preparing: {rounds} rounds of {CHUNK} steps per row, interleaved, after a warm-up round ...")
+        _prepare(workdir, data_root, echo)
         for workload in PAIRS:
-            first = None
+            speed = _spawn(workdir, ["--speed", "--workload", workload, "--rounds", str(rounds)], threads)
+            first = speed[_rows_for(workload)[0]]["images_per_s"]
             for row in _rows_for(workload):
-                measured = _spawn(workdir, workload, row, steps, threads)
-                first = first or measured["images_per_s"]
-                result = Result(workload, row, measured["images_per_s"], measured["images_per_s"] / first,
-                                measured["peak_rss_mb"], measured["seconds"], measured["cpu_ms_per_image"],
-                                measured["memory"])
+                memory = _spawn(workdir, ["--memory", "--workload", workload, "--row", row], threads)
+                m = speed[row]
+                result = Result(workload, row, m["images_per_s"], m["images_per_s"] / first, memory["peak_rss_mb"],
+                                m["seconds"], m["cpu_ms_per_image"], memory["memory"])
                 results.append(result)
-                echo(f"  {workload:18s} {row:20s} {result.images_per_s:10.0f} img/s  {result.ratio:5.2f}×")
+                echo(f"  {workload:18s} {row:20s} {result.images_per_s:10.0f} img/s  {result.ratio:5.2f}×  "
+                     f"{result.peak_rss_mb:6.1f} MB")
+    steps = rounds * CHUNK
     markdown = format_table(results, started, steps, threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +435,7 @@ def run_bench(steps: int = 20, output: str | Path = "runs/bench", data_root: str
         "date": started.isoformat(), "torch": torch.__version__, "threads": threads,
         "cpu_count": os.cpu_count(), "steps": steps, "batch_size": BATCH, "eval_batch_size": EVAL_BATCH,
         "memory": "rise of peak resident memory (VmHWM, else ru_maxrss) in a subprocess per row, MB",
-        "timing": "images/s = batch / lower-quartile step time over the timed steps",
+        "timing": "images/s = batch / lower-quartile step time; rows interleaved in rounds in one process",
         "results": [asdict(r) for r in results],
         "targets": target_checks(results),
     }, indent=2))
@@ -410,9 +461,10 @@ def format_table(results: list[Result], started: dt.datetime, steps: int, thread
         f"# distillery bench — {started.strftime('%Y-%m-%d %H:%M UTC')}",
         "",
         f"torch {torch.__version__}, {threads} threads, CPU ({os.cpu_count()} cores); Fashion-MNIST, batch {BATCH} "
-        f"(eval {EVAL_BATCH}), SGD; {steps} timed steps per row after as many warm-up steps; images/s from the "
-        "lower-quartile step time. Ratio: to the first row of the workload. Peak memory: rise of the peak "
-        f"resident set ({results[0].memory if results else 'VmHWM'}) while the row runs, one subprocess per row.",
+        f"(eval {EVAL_BATCH}), SGD; {steps} timed steps per row (rows interleaved in rounds of {CHUNK}, after a "
+        "warm-up round); images/s from the lower-quartile step time, CPU time the median. Ratio: to the first "
+        f"row of the workload. Peak memory: rise of the peak resident set "
+        f"({results[0].memory if results else 'VmHWM'}) while the row runs, one subprocess per row.",
         "",
         "| workload | row | images/s | × first row | CPU ms/image | peak RSS Δ MB |",
         "|---|---|---:|---:|---:|---:|",
@@ -429,17 +481,23 @@ def format_table(results: list[Result], started: dt.datetime, steps: int, thread
 
 
 def _child_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distillery.bench")
-    parser.add_argument("--child", action="store_true")
+    parser = argparse.ArgumentParser(prog="python -m distillery.bench", description="one bench child process")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--speed", action="store_true", help="time every row of the workload, interleaved")
+    mode.add_argument("--memory", action="store_true", help="peak-memory rise of one row")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--workload", required=True, choices=list(PAIRS))
-    parser.add_argument("--row", required=True, choices=ROWS)
-    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--row", choices=ROWS)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(run_row(Path(args.workdir), args.workload, args.row, args.steps)))
+    workdir = Path(args.workdir)
+    if args.speed:
+        print(json.dumps(speed_of_rows(workdir, args.workload, args.rounds)))
+    else:
+        print(json.dumps(memory_of_row(workdir, args.workload, args.row)))
     return 0
 
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and cached), FSP stage 1 (on the fly and stored) and evaluation on a fixed "
                                    "Fashion-MNIST workload; print one table and write it as markdown + JSON.")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="timed steps per row, after as many warm-up steps (default 20; --quick: 5)")
+                   help="timed steps per row, in rounds of 5 after a warm-up round (default 20; --quick: 5)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run (5 steps per row)")
     p.add_argument("--output", default="runs/bench", metavar="DIR",
                    help="folder for bench-<date>.md and .json (default runs/bench)")

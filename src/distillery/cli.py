@@ -4,6 +4,7 @@
     distillery train --role teacher       # train the teacher (or --role student: the student alone)
     distillery distill --teacher runs/fmnist/teacher/checkpoint.pt
     distillery eval runs/fmnist/student_distilled/checkpoint.pt
+    distillery bench --quick              # what distillation costs over training the student alone
 
 Bad input (a config key, a value, a file) exits with code 2 and a message saying what and where.
 """
@@ -79,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", action="store_true",
                    help="evaluate the ensemble of the checkpoints (averaged probabilities) and each member")
 
+    p = sub.add_parser("bench", help="measure what distillation costs over training the student alone",
+                       description="Time student CE alone, a hand-written KD loop, our KD (teacher on the fly "
+                                   "and cached), FSP stage 1 (on the fly and stored) and evaluation on a fixed "
+                                   "Fashion-MNIST workload; print one table and write it as markdown + JSON.")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="timed steps per row, in rounds of 5 after a warm-up round (default 20; --quick: 5)")
+    p.add_argument("--quick", action="store_true", help="a fast smoke run (5 steps per row)")
+    p.add_argument("--output", default="runs/bench", metavar="DIR",
+                   help="folder for bench-<date>.md and .json (default runs/bench)")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads per row (default: one per core)")
+
     sub.add_parser("models", help="list the registered model names")
     sub.add_parser("methods", help="list the distillation methods and their parameters")
     return parser
@@ -142,6 +156,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             stages = [stage["method"]["name"] for stage in cls.default_stages()]
             print(f"{name}: {summary}" + (f"\n    {fields}" if fields else "")
                   + (f"\n    --method {name} runs the stages {' → '.join(stages)}" if len(stages) > 1 else ""))
+        return 0
+
+    if args.command == "bench":
+        from distillery.bench import run_bench
+
+        steps = args.steps if args.steps is not None else (5 if args.quick else 20)
+        if steps < 1 or (args.threads is not None and args.threads < 1):
+            raise ConfigError(f"--steps and --threads must be >= 1, got {steps} and {args.threads}")
+        _, markdown, path = run_bench(steps, args.output, args.data_root, args.threads,
+                                      echo=lambda line: print(line, file=sys.stderr))
+        print(markdown)
+        print(f"written: {path} and {path.with_suffix('.json')}")
         return 0
 
     extra = []

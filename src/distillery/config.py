@@ -96,6 +96,16 @@ class TeacherConfig(Section):
     ensemble: list[str] = Field(default_factory=list,
                                 description="more trained teacher checkpoints: the teacher becomes the ensemble of "
                                             "the teacher and these (for method 'ensemble')")
+    cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: store the teacher's logits once and reuse them wherever that is exact "
+                            "(stages without augmentation whose method reads only logits); off: always run it")
+    cache_dir: str | None = Field(None, description="folder of the teacher-output cache (default <output_dir>/cache)")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as false (and ``on`` as true): accept what the user meant."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 class StudentConfig(Section):

@@ -136,6 +136,7 @@ def train_model(
     *,
     teacher: Teacher | None = None,
     teacher_key: str = "",
+    teacher_cache: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -157,9 +158,9 @@ def train_model(
     action = distributed.current().on_main(lambda: prepare_run_dir(run_dir, key, resume=resume, overwrite=overwrite))
     stages = [Stage(create_method(name, **params), train) for name, params, train in stages_spec]
     trainer = Trainer(
-        model, train_data, test_data, stages, teacher=teacher, run_dir=run_dir, device=device, seed=config.seed,
-        amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role, progress=progress,
-        sync_batchnorm=config.sync_batchnorm,
+        model, train_data, test_data, stages, teacher=teacher, teacher_cache=teacher_cache, run_dir=run_dir,
+        device=device, seed=config.seed, amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role,
+        progress=progress, sync_batchnorm=config.sync_batchnorm,
         meta={"model": model_config.model_dump(mode="json"), "fingerprint": key, "role": role,
               "dataset": config.data.dataset, "num_classes": train_data.num_classes},
     )
@@ -238,7 +239,8 @@ def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], 
         role = "student_distilled" if k == generations else f"student_distilled_gen{k}"
         members = [current.model, *(extra if k == 1 else [])] if current is not None else []
         trained = train_model(config, role, config.student.model, stages, data,
-                              teacher=Teacher(members) if members else None, teacher_key=key, **kwargs)
+                              teacher=Teacher(members) if members else None, teacher_key=key,
+                              teacher_cache=teacher_cache_dir(config), **kwargs)
         if current is not None:
             current, key = trained, run_key(trained)
     return trained
@@ -247,6 +249,13 @@ def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], 
 def run_key(trained: TrainedModel) -> str:
     """A key identifying a network trained in its run folder (for the fingerprints of its students)."""
     return fingerprint({"teacher_run": str(trained.run_dir), "history": trained.history[-1:]})
+
+
+def teacher_cache_dir(config: RunConfig) -> Path | None:
+    """Where the teacher-output cache lives, or None when ``teacher.cache`` is off."""
+    if config.teacher.cache == "off":
+        return None
+    return Path(config.teacher.cache_dir) if config.teacher.cache_dir else Path(config.output_dir) / "cache"
 
 
 @dataclass

@@ -80,9 +80,12 @@ class BatchLoader:
         self.world_size = world_size
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
+        # (x/255 − mean)/std as one multiply and one subtract, both in place on the batch's float copy.
         shape = (1, -1, 1, 1)
-        self._mean = torch.tensor(dataset.mean, device=self.device).view(shape)
-        self._std = torch.tensor(dataset.std, device=self.device).view(shape)
+        mean = torch.tensor(dataset.mean, dtype=torch.float64).view(shape)
+        std = torch.tensor(dataset.std, dtype=torch.float64).view(shape)
+        self._scale = (1 / (255 * std)).float().to(self.device)
+        self._shift = (mean / std).float().to(self.device)
         # Each rank gets the same number of examples (the tail that would unbalance ranks is dropped
         # only when drop_last; otherwise ranks wrap around to pad, as DistributedSampler does).
         self._per_rank = len(dataset) // world_size if drop_last else -(-len(dataset) // world_size)
@@ -112,19 +115,21 @@ class BatchLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Yield the batches of ``epoch``, starting at ``start_step`` (for mid-epoch resume)."""
         order = self.order(epoch)
+        in_order = not self.shuffle and self.world_size == 1  # order is 0..n-1: batches are slices, not gathers
         for step in range(start_step, len(self)):
-            index = order[step * self.batch_size : (step + 1) * self.batch_size].to(self.device)
-            yield self._make_batch(index, epoch, step)
+            rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            index = order[rows].to(self.device)
+            yield self._make_batch(index, epoch, step, rows if in_order else None)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
 
-    def _make_batch(self, index: Tensor, epoch: int, step: int) -> Batch:
-        images = self.images[index].float().div_(255)
-        if self.augment.active and self.shuffle:
+    def _make_batch(self, index: Tensor, epoch: int, step: int, rows: slice | None = None) -> Batch:
+        images = (self.images[rows] if rows is not None else self.images[index]).float()  # pixel values 0..255
+        labels = self.labels[rows] if rows is not None else self.labels[index]
+        if self.augment.active and self.shuffle:  # crop and flip only move pixels (padding is black: 0)
             images = augment_batch(images, self.augment, _generator(self.seed, epoch, step, self.rank + 1))
-        inputs = (images - self._mean) / self._std
-        return Batch(inputs, self.labels[index], index)
+        return Batch(images.mul_(self._scale).sub_(self._shift), labels, index)
 
 
 def augment_batch(images: Tensor, augment: Augment, generator: torch.Generator) -> Tensor:

@@ -96,16 +96,17 @@ class Method(nn.Module):
         refuse loaders whose batches are augmented (a stored target would not match the input).
         """
 
-    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor) -> ModelOutputs | None:
+    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor,
+                        index: Tensor | None = None) -> ModelOutputs | None:
         """The teacher's forward pass this step needs (logits and ``teacher_layers``), or None.
 
         None when the method has no teacher or reads only stored targets; the trainer and user loops
         call this instead of running the teacher themselves, so a method with stored targets costs
-        no teacher forward pass.
+        no teacher forward pass. ``index`` (``Batch.index``) lets a cached teacher serve stored outputs.
         """
         if teacher is None or not self.needs_teacher:
             return None
-        return teacher(inputs, self.teacher_layers)
+        return teacher(inputs, self.teacher_layers, index=index)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:
@@ -152,7 +153,9 @@ class Teacher:
         return len(self.members) > 1
 
     @torch.no_grad()
-    def __call__(self, inputs: Tensor, layers: Sequence[str] = ()) -> ModelOutputs:
+    def __call__(self, inputs: Tensor, layers: Sequence[str] = (), index: Tensor | None = None) -> ModelOutputs:
+        """The members' outputs on ``inputs`` (``index``, the batch's dataset indices, is for cached
+        teachers such as :class:`distillery.cache.CachedTeacher` and is not needed here)."""
         outputs = []
         for member in self.members:
             member.eval()  # guard against a caller having switched it back to training mode

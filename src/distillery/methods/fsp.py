@@ -188,10 +188,11 @@ class FSP(Method):
         assert stored is not None
         return stored
 
-    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor) -> ModelOutputs | None:
+    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor,
+                        index: Tensor | None = None) -> ModelOutputs | None:
         if self._stored is not None:
             return None  # the stored matrices replace the teacher's forward pass
-        return super().teacher_outputs(teacher, inputs)
+        return super().teacher_outputs(teacher, inputs, index)
 
     # ------------------------------------------------------------------ the loss
 

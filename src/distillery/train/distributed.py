@@ -99,6 +99,26 @@ class DistContext:
             for tensor in module.buffers():
                 dist.broadcast(tensor.data, src=0)
 
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0, then on the other ranks; each keeps its own result.
+
+        For work that fills a shared on-disk cache: rank 0 writes it, the others then find it
+        complete and only read it. If rank 0 raises, every rank raises.
+        """
+        if not self.enabled:
+            return fn()
+        box: list[Any] = [None]
+        result: Any = None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as err:  # handed to the other ranks, then raised here too
+                box[0] = err
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise box[0]
+        return result if self.is_main else fn()
+
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and give its result to every rank.
 

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from distillery.cache import CachedTeacher
 from distillery.config import TrainConfig
-from distillery.data import Augment, BatchLoader, ImageDataset
+from distillery.data import Augment, Batch, BatchLoader, ImageDataset
 from distillery.losses import ensemble_probs
 from distillery.methods.base import Method, Teacher, run_student
 from distillery.train import distributed
@@ -96,7 +97,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@torch.no_grad()
+def prefer_channels_last(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Store a convolutional network's 4-D weights channels-last (NHWC) when running on the CPU.
+
+    On CPU, oneDNN's NHWC convolutions are measurably faster for the CIFAR/MNIST-size networks
+    here (ResNet-8 training step ~20 % less time, SmallCNN ~30 %, ResNet-20 inference ~20 %, one
+    thread; see ``distillery bench``). Networks without ``Conv2d`` are returned unchanged. Converts
+    in place (like ``.to``); results agree with the default layout up to float rounding.
+    """
+    if torch.device(device).type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int = 1000,
              device: torch.device | str | None = None, dist: DistContext | None = None) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` (in eval mode).
@@ -198,7 +212,9 @@ class Trainer:
 
     ``run_dir`` (optional) receives ``checkpoint.pt`` and ``metrics.jsonl``. ``meta`` is stored in
     the checkpoint as is (the model spec and config fingerprint, so the run can be rebuilt and
-    recognised). ``dist`` defaults to the process group this process has joined (torchrun), if any;
+    recognised). ``teacher_cache`` (a folder) turns on the teacher-output cache for the stages where
+    it is exact: the method needs only the teacher's logits and the stage does not augment.
+    ``dist`` defaults to the process group this process has joined (torchrun), if any;
     ``sync_batchnorm`` converts the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA only).
     """
 
@@ -210,6 +226,7 @@ class Trainer:
         stages: Sequence[Stage],
         *,
         teacher: Teacher | None = None,
+        teacher_cache: str | Path | None = None,
         run_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
@@ -231,8 +248,11 @@ class Trainer:
             if self.device.type != "cuda":
                 raise ValueError("sync_batchnorm needs device cuda (torch's SyncBatchNorm runs on GPUs only)")
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        self.student = student.to(self.device)
+        self.student = prefer_channels_last(student.to(self.device), self.device)
         self.teacher = teacher.to(self.device) if teacher is not None else None
+        for member in self.teacher.members if self.teacher is not None else ():
+            prefer_channels_last(member, self.device)
+        self.teacher_cache = Path(teacher_cache) if teacher_cache is not None else None
         self.train_data = train_data
         self.stages = list(stages)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -298,6 +318,7 @@ class Trainer:
         cfg = stage.train
         method = stage.method
         loader = self._train_loader(s)
+        teacher = self._stage_teacher(method, loader)
         # --- Distributed: the student and method are wrapped together so DDP averages the gradients of both.
         self._net: nn.Module = _StudentWithMethod(self.student, method)
         if self.dist.enabled:
@@ -333,7 +354,7 @@ class Trainer:
                             f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr)
             tick = time.perf_counter()
             for step, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
-                terms, logits = self._step(method, batch.inputs, batch.targets, batch.index)
+                terms, logits = self._step(method, batch, teacher)
                 for name, value in terms.items():
                     sums.terms[name] = sums.terms.get(name, 0) + value.detach() * len(batch.targets)
                 hits = (logits.detach().argmax(-1) == batch.targets).sum()
@@ -385,11 +406,23 @@ class Trainer:
             device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
         )
 
-    def _step(self, method: Method, inputs: Tensor, targets: Tensor,
-              index: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
-        teacher_out = method.teacher_outputs(self.teacher, inputs)
+    def _stage_teacher(self, method: Method, loader: BatchLoader) -> Teacher | CachedTeacher | None:
+        """The teacher for a stage: served from the cache when that is exact, else run on the fly.
+
+        Distributed: rank 0 fills the cache first, then the other ranks read it.
+        """
+        if self.teacher is None or not method.needs_teacher:
+            return None
+        if self.teacher_cache is None or method.teacher_layers or loader.augment.active:
+            return self.teacher
+        teacher, folder = self.teacher, self.teacher_cache
+        return self.dist.main_first(lambda: CachedTeacher.build(teacher, self.train_data, folder, self.device))
+
+    def _step(self, method: Method, batch: Batch, teacher: Teacher | CachedTeacher | None,
+              ) -> tuple[dict[str, Tensor], Tensor]:
+        teacher_out = method.teacher_outputs(teacher, batch.inputs, batch.index)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            terms, logits = self._net(inputs, teacher_out, targets, index)
+            terms, logits = self._net(batch.inputs, teacher_out, batch.targets, batch.index)
         loss = sum(terms.values())
         self._optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward()

@@ -63,6 +63,7 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_teacher: ClassVar[bool] = True
     accepts_ensemble: ClassVar[bool] = False
+    compares_logits: ClassVar[bool] = False  # the loss compares logits class by class: counts must agree
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__()
@@ -88,6 +89,8 @@ class Method(nn.Module):
         if teacher is not None and self.needs_teacher:
             for member in teacher.members:
                 check_layer_names(member, self.teacher_layers, "teacher")
+        if self.compares_logits:
+            check_same_classes(student, teacher, example, self.name)
 
     def prepare(self, teacher: Teacher | None, loader: BatchLoader, cache_dir: Path | None = None) -> None:
         """Called once with the stage's training loader before the stage trains; a no-op by default.
@@ -186,3 +189,16 @@ def probe_student(student: nn.Module, example: Tensor, layers: Sequence[str] = (
         return run_student(student, example, layers)
     finally:
         student.train(was_training)
+
+
+def check_same_classes(student: nn.Module, teacher: Teacher | None, example: Tensor, method: str) -> None:
+    """Logit methods compare class by class: the teacher and student must output as many classes."""
+    if teacher is None:
+        return
+    k_student = probe_student(student, example[:2]).logits.shape[-1]
+    k_teacher = teacher(example[:2]).logits.shape[-1]
+    if k_student != k_teacher:
+        raise ValueError(
+            f"method {method!r} compares logits, but the teacher outputs {k_teacher} classes and the "
+            f"student {k_student}; use a feature method (fsp, fitnets) for a teacher of another task"
+        )

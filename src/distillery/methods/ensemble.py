@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from distillery.losses import ensemble_probs, soft_target_loss
-from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher
-from distillery.methods.hinton import check_same_classes
+from distillery.methods.base import Method, MethodParams, ModelOutputs
 
 
 class EnsembleParams(MethodParams):
@@ -27,9 +26,7 @@ class EnsembleKD(Method):
     Params = EnsembleParams
     accepts_ensemble = True
 
-    def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
-        super().setup(student, teacher, example)
-        check_same_classes(student, teacher, example, self.name)
+    compares_logits = True
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from distillery.losses import kd_loss
-from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher, probe_student
+from distillery.methods.base import Method, MethodParams, ModelOutputs
 
 
 class HintonParams(MethodParams):
@@ -22,9 +22,7 @@ class HintonKD(Method):
     name = "hinton"
     Params = HintonParams
 
-    def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
-        super().setup(student, teacher, example)
-        check_same_classes(student, teacher, example, self.name)
+    compares_logits = True
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:
@@ -35,15 +33,3 @@ class HintonKD(Method):
             "kd": p.kd_weight * kd_loss(student.logits, teacher.logits, p.temperature),
         }
 
-
-def check_same_classes(student: nn.Module, teacher: Teacher | None, example: Tensor, method: str) -> None:
-    """Logit methods compare class by class: the teacher and student must output as many classes."""
-    if teacher is None:
-        return
-    k_student = probe_student(student, example[:2]).logits.shape[-1]
-    k_teacher = teacher(example[:2]).logits.shape[-1]
-    if k_student != k_teacher:
-        raise ValueError(
-            f"method {method!r} compares logits, but the teacher outputs {k_teacher} classes and the "
-            f"student {k_student}; use a feature method (fsp, fitnets) for a teacher of another task"
-        )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from distillery.losses import logit_matching_loss
-from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher
-from distillery.methods.hinton import check_same_classes
+from distillery.methods.base import Method, MethodParams, ModelOutputs
 
 
 class LogitParams(MethodParams):
@@ -26,9 +25,7 @@ class LogitMatching(Method):
     name = "logits"
     Params = LogitParams
 
-    def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
-        super().setup(student, teacher, example)
-        check_same_classes(student, teacher, example, self.name)
+    compares_logits = True
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ dataset:
 	fi
 
 run: install dataset
-	distillery run --config $(RECIPE)
+	$(PYTHON) -m distillery run --config $(RECIPE)
 
 test: install-dev
 	$(PYTHON) -m pytest
@@ -30,4 +30,4 @@ lint: install-dev
 	ruff check src tests
 
 bench: install dataset
-	distillery bench
+	$(PYTHON) -m distillery bench

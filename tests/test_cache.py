@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from fakes import counting
 from torch import nn
 
 from distillery.cache import CachedTeacher, CacheRebuiltWarning, TeacherCache, cache_key
@@ -30,20 +31,6 @@ def make_teacher(seed: int = 1, kind: str = "mlp") -> Teacher:
     if kind == "cnn":  # convolutional: the Trainer runs it channels-last on CPU
         return Teacher(create_model("cnn", in_channels=1, num_classes=4, input_size=8, width=4, fc_width=8))
     return Teacher(create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=(32,)))
-
-
-class CountingTeacher(Teacher):
-    """A Teacher that counts its forward passes, to tell cache hits from recomputation."""
-
-    calls = 0
-
-    def __call__(self, inputs, layers=(), index=None):
-        self.calls += 1
-        return super().__call__(inputs, layers)
-
-
-def counting(teacher: Teacher) -> CountingTeacher:
-    return CountingTeacher(teacher.members)
 
 
 def train(data: ImageDataset, teacher: Teacher, cache_dir, *, augment: AugmentConfig | None = None,

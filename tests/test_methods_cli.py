@@ -122,6 +122,11 @@ def test_fsp_teacher_matrices_are_stored_in_the_teacher_cache(setup) -> None:
                     "--set", "distill.stages.0.method.store_teacher=true") == 0
     assert not off.exists()
     assert len(list((setup["root"] / "runs/stored_off/student_distilled").glob("*/fsp_*.bin"))) == 3
+    # matrices over teacher.cache_max_mb (128 examples × 2,816 floats = 1.4 MB) are not stored by auto
+    small = setup["root"] / "small_cache"
+    assert _distill(setup, "over_budget", "--method", "fsp", "--teacher", str(setup["teacher"]),
+                    "--set", f"teacher.cache_dir={small}", "--set", "teacher.cache_max_mb=1") == 0
+    assert not small.exists()
 
 
 def test_teacher_from_another_task_drives_fsp_but_not_hinton(setup, capsys) -> None:

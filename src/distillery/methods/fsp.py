@@ -14,7 +14,7 @@ Options beyond the paper's defaults:
   pair (``fsp_<a>__<b>``), keyed by the teacher's weights, the data, the preprocessing and the
   device. ``auto`` stores them where that is exact and cheap enough: ``teacher.cache: auto`` (the
   default; ``off`` turns it off), a stage without augmentation (the default stage 1 has none) and
-  at most ``teacher.cache_max_mb`` of matrices (~680 MB for the default pairs on 60k images).
+  at most ``teacher.cache_max_mb`` of matrices (~650 MB for the default pairs on 60k 28×28 images).
   ``true`` always stores (an error if the stage augments), ``false`` never; ``store_dir`` names
   another folder. See :mod:`distillery.methods.stored`.
 - ``shuffle_seed``: permute the teacher's channels (one fixed permutation per layer), an equivalent

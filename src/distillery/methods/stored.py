@@ -35,7 +35,7 @@ from distillery.data.loader import BatchLoader
 from distillery.methods.base import ModelOutputs, Teacher
 
 # Largest stored targets (all training examples) that ``store_teacher: auto`` keeps without being
-# asked, MB (``teacher.cache_max_mb``). FSP over the default ResNet pairs, 60k 28×28 images: ~680 MB.
+# asked, MB (``teacher.cache_max_mb``). FSP over the default ResNet pairs, 60k 28×28 images: ~650 MB.
 DEFAULT_MAX_MB = 1024.0
 
 

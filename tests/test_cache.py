@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from fakes import counting
 from torch import nn
 
-from distillery.cache import CachedTeacher, CacheRebuiltWarning, TeacherCache, cache_key
+from distillery.cache import CachedTeacher, CacheRebuiltWarning, TeacherCache, cache_key, entry_name
 from distillery.config import AugmentConfig, TrainConfig, load_config
 from distillery.data import BatchLoader, ImageDataset
 from distillery.methods import Teacher, create_method
@@ -160,6 +161,18 @@ def test_cache_stores_any_named_per_example_tensor(tmp_path):
     assert cache.load("fsp_stage2") is None
     with pytest.raises(ValueError, match="plain file name"):
         cache.save("../escape", fsp)
+
+
+def test_entry_names_are_file_names_that_keep_layers_apart():
+    assert entry_name("fsp", "stem", "stage1") == "fsp_stem__stage1"
+    assert entry_name("hint", "stage2.0.conv1") == "hint_stage2.0.conv1"
+    odd = [entry_name("fsp", "a/b", "c"), entry_name("fsp", "a_b", "c"), entry_name("fsp", "a__b", "c"),
+           entry_name("fsp", "a", "b__c"), entry_name("fsp", "a b", "c")]
+    assert len(set(odd)) == len(odd)  # sanitised or ambiguous names get a hash of the exact names
+    cache = TeacherCache(Path("/nonexistent"), "k")
+    for name in odd:
+        assert "/" not in name and " " not in name
+        cache._paths(name)  # accepted as an entry name
 
 
 # ------------------------------------------------------------------ when it is (not) used

@@ -220,19 +220,20 @@ class TeacherCache:
                             count: int | None = None) -> dict[str, Tensor]:
         """The stored entries ``names``; the missing (or unusable) ones come from one call of
         ``compute(missing_names)``, are stored, and are returned as loaded back."""
-        found = {name: self.load(name, count) for name in dict.fromkeys(names)}
-        missing = [name for name, value in found.items() if value is None]
-        if not missing:
-            return found  # type: ignore[return-value]
-        computed = compute(missing)
-        for name in missing:
-            value = computed[name]
-            if count is not None and value.shape[0] != count:
-                raise ValueError(f"cache entry {name!r}: computed {value.shape[0]} rows, expected {count}")
-            self.save(name, value)
-            found[name] = self.load(name, count)
-            assert found[name] is not None, f"cache entry {name!r} unreadable right after writing it"
-        return found  # type: ignore[return-value]
+        loaded = {name: self.load(name, count) for name in dict.fromkeys(names)}
+        missing = [name for name, value in loaded.items() if value is None]
+        computed = compute(missing) if missing else {}
+        found: dict[str, Tensor] = {}
+        for name, value in loaded.items():
+            if value is None:
+                fresh = computed[name]
+                if count is not None and fresh.shape[0] != count:
+                    raise ValueError(f"cache entry {name!r}: computed {fresh.shape[0]} rows, expected {count}")
+                self.save(name, fresh)
+                value = self.load(name, count)
+                assert value is not None, f"cache entry {name!r} unreadable right after writing it"
+            found[name] = value
+        return found
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 
 from distillery.config import TrainConfig
 from distillery.data import ImageDataset
+from distillery.methods import Teacher
 
 
 def random_dataset(n: int, seed: int = 0, size: int = 8, classes: int = 4) -> ImageDataset:
@@ -20,6 +21,21 @@ def random_dataset(n: int, seed: int = 0, size: int = 8, classes: int = 4) -> Im
     labels = (images.float().mean(dim=(1, 2, 3)) * classes / 256).long().clamp(max=classes - 1)
     labels = (labels + images[:, 0, 0, 0].long()) % classes
     return ImageDataset(images, labels, (0.5,), (0.29,), classes)
+
+
+class CountingTeacher(Teacher):
+    """A Teacher that counts its forward passes, to tell cache hits from recomputation."""
+
+    calls = 0
+
+    def __call__(self, inputs, layers=(), index=None):
+        self.calls += 1
+        return super().__call__(inputs, layers)
+
+
+def counting(teacher: Teacher) -> CountingTeacher:
+    """The same networks as ``teacher``, counting forward passes."""
+    return CountingTeacher(teacher.members)
 
 
 def train_config(**overrides) -> TrainConfig:

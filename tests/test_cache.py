@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from fakes import counting
 from torch import nn
 
-from distillery.cache import CachedTeacher, CacheRebuiltWarning, TeacherCache, cache_key
+from distillery.cache import CachedTeacher, CacheRebuiltWarning, TeacherCache, cache_key, entry_name
 from distillery.config import AugmentConfig, TrainConfig, load_config
 from distillery.data import BatchLoader, ImageDataset
 from distillery.methods import Teacher, create_method
@@ -30,20 +32,6 @@ def make_teacher(seed: int = 1, kind: str = "mlp") -> Teacher:
     if kind == "cnn":  # convolutional: the Trainer runs it channels-last on CPU
         return Teacher(create_model("cnn", in_channels=1, num_classes=4, input_size=8, width=4, fc_width=8))
     return Teacher(create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=(32,)))
-
-
-class CountingTeacher(Teacher):
-    """A Teacher that counts its forward passes, to tell cache hits from recomputation."""
-
-    calls = 0
-
-    def __call__(self, inputs, layers=(), index=None):
-        self.calls += 1
-        return super().__call__(inputs, layers)
-
-
-def counting(teacher: Teacher) -> CountingTeacher:
-    return CountingTeacher(teacher.members)
 
 
 def train(data: ImageDataset, teacher: Teacher, cache_dir, *, augment: AugmentConfig | None = None,
@@ -173,6 +161,18 @@ def test_cache_stores_any_named_per_example_tensor(tmp_path):
     assert cache.load("fsp_stage2") is None
     with pytest.raises(ValueError, match="plain file name"):
         cache.save("../escape", fsp)
+
+
+def test_entry_names_are_file_names_that_keep_layers_apart():
+    assert entry_name("fsp", "stem", "stage1") == "fsp_stem__stage1"
+    assert entry_name("hint", "stage2.0.conv1") == "hint_stage2.0.conv1"
+    odd = [entry_name("fsp", "a/b", "c"), entry_name("fsp", "a_b", "c"), entry_name("fsp", "a__b", "c"),
+           entry_name("fsp", "a", "b__c"), entry_name("fsp", "a b", "c")]
+    assert len(set(odd)) == len(odd)  # sanitised or ambiguous names get a hash of the exact names
+    cache = TeacherCache(Path("/nonexistent"), "k")
+    for name in odd:
+        assert "/" not in name and " " not in name
+        cache._paths(name)  # accepted as an entry name
 
 
 # ------------------------------------------------------------------ when it is (not) used

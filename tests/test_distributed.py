@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from fakes import random_dataset, train_config, write_fake_fmnist
+from fakes import counting, random_dataset, train_config, write_fake_fmnist
 from torch import Tensor, nn
 
 from distillery.cli import main
@@ -126,6 +126,18 @@ def _worker(rank: int, port: int, out: str) -> None:
                 [Stage(create_method("ce"), train_config(epochs=1, batch_size=32))],
                 progress=False, echo=lambda line: None).fit()
         torch.save(cnn.state_dict(), out_dir / f"bn_rank{rank}.pt")
+        # FSP with stored teacher matrices: rank 0 fills the teacher cache first, rank 1 only reads it.
+        torch.manual_seed(0)
+        fsp_teacher = counting(Teacher(create_model("resnet8", in_channels=1, num_classes=4, input_size=8)))
+        fsp_student = create_model("resnet8", in_channels=1, num_classes=4, input_size=8)
+        adamw = {"name": "adamw", "lr": 0.001, "weight_decay": 0.0}
+        fsp = Trainer(fsp_student, random_dataset(64, seed=1), random_dataset(16, seed=2),
+                      [Stage(create_method("fsp"), train_config(epochs=1, batch_size=32, optimizer=adamw))],
+                      teacher=fsp_teacher, teacher_cache=out_dir / "fsp_cache", progress=False, echo=lambda line: None)
+        fsp.fit()
+        (out_dir / f"fsp_rank{rank}.json").write_text(json.dumps(
+            {"calls": fsp_teacher.calls, "stored": fsp.stages[0].method.uses_stored_matrices}))
+        torch.save(fsp_student.state_dict(), out_dir / f"fsp_rank{rank}.pt")
 
 
 def _set(*items: str) -> list[str]:
@@ -241,4 +253,14 @@ def test_batchnorm_buffers_are_identical_on_both_ranks(runs):
     out = runs[0]
     states = [torch.load(out / f"bn_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert any("running_mean" in k for k in states[0])
+    assert _max_diff(states[0], states[1]) == 0.0
+
+
+def test_rank_0_fills_the_stored_fsp_matrices_and_rank_1_reads_them(runs):
+    out = runs[0]
+    ranks = [json.loads((out / f"fsp_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["stored"] for r in ranks] == [True, True]
+    assert [r["calls"] for r in ranks] == [2, 1]  # setup (+ the one pass computing the matrices on rank 0)
+    assert len(list((out / "fsp_cache").glob("*/fsp_*.bin"))) == 3
+    states = [torch.load(out / f"fsp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert _max_diff(states[0], states[1]) == 0.0

@@ -1,15 +1,19 @@
-"""FSP: the matrix against its double sum, channel shuffling, stored teacher matrices, set-up checks."""
+"""FSP: the matrix against its double sum, channel shuffling, teacher matrices stored in the teacher
+cache (exact, reused, rebuilt when damaged, keyed by teacher and data), set-up checks."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+from fakes import counting
 from tiny_idx import one_thread, tiny_dataset  # noqa: F401  (one_thread: autouse fixture)
 
+from distillery.cache import CacheRebuiltWarning, TeacherCache, cache_key
 from distillery.config import TrainConfig
-from distillery.data import BatchLoader
+from distillery.data import Augment, BatchLoader
 from distillery.losses import fsp_loss, fsp_matrix
 from distillery.methods import Teacher, create_method, run_student
 from distillery.models import create_model
@@ -94,16 +98,28 @@ def _loader(dataset) -> BatchLoader:
     return BatchLoader(dataset, 16, shuffle=True, seed=0)
 
 
-def test_stored_and_recomputed_teacher_matrices_give_the_same_loss(tmp_path, monkeypatch) -> None:
+def _prepared(student, teacher, data, cache_dir=None, **params):
+    method = create_method("fsp", **params)
+    method.setup(student, teacher, _example())
+    method.prepare(teacher, _loader(data), cache_dir)
+    return method
+
+
+def _entries(root, teacher, data) -> dict[str, int]:
+    """The stored entries under the teacher's cache key: data file name -> its header's mtime."""
+    folder = root / cache_key(teacher, data)
+    return {p.name: (folder / f"{p.stem}.json").stat().st_mtime_ns for p in sorted(folder.glob("*.bin"))}
+
+
+def test_stored_and_recomputed_teacher_matrices_give_the_same_loss(tmp_path) -> None:
     data = tiny_dataset(40)
     student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
-    x = _example()
-    stored = create_method("fsp", store_teacher=True, store_dir=str(tmp_path), shuffle_seed=3)
-    live = create_method("fsp", shuffle_seed=3)
-    for method in (stored, live):
-        method.setup(student, teacher, x)
-        method.prepare(teacher, _loader(data))
-    assert stored.store_file is not None and stored.store_file.exists()
+    stored = _prepared(student, teacher, data, store_teacher=True, store_dir=str(tmp_path), shuffle_seed=3)
+    live = _prepared(student, teacher, data, store_teacher=False, shuffle_seed=3)
+    assert stored.uses_stored_matrices and not live.uses_stored_matrices
+    # one teacher-cache entry per teacher pair, under the key of (teacher weights, data, preprocessing, device)
+    assert set(_entries(tmp_path, teacher, data)) == {"fsp_stem__stage1.bin", "fsp_stage1__stage2.bin",
+                                                      "fsp_stage2__stage3.bin"}
     batch = next(_loader(data).epoch(1))
     assert stored.teacher_outputs(teacher, batch.inputs) is None  # no teacher pass with stored targets
     s_out = run_student(student, batch.inputs, live.student_layers)
@@ -113,21 +129,142 @@ def test_stored_and_recomputed_teacher_matrices_give_the_same_loss(tmp_path, mon
     with pytest.raises(ValueError, match="needs the batch's dataset indices"):
         stored(s_out, None, batch.targets)
 
-    # a second run reuses the file instead of recomputing ...
-    def no_recompute(*args, **kwargs):
-        raise AssertionError("recomputed although a valid stored file exists")
 
-    monkeypatch.setattr(type(stored), "_compute_store", no_recompute)
-    reused = create_method("fsp", store_teacher=True, store_dir=str(tmp_path))
-    reused.setup(student, teacher, x)
-    reused.prepare(teacher, _loader(data))
-    assert reused.store_file == stored.store_file
-    # ... but a teacher with other weights, or other data, is never served the stale file
+def test_the_stored_matrices_are_unshuffled_and_each_seed_shuffles_them_when_read(tmp_path) -> None:
+    data = tiny_dataset(40)
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    pairs = [["stem", "stage1"], ["stage1", "stage2"]]
+    first = _prepared(student, teacher, data, store_teacher=True, store_dir=str(tmp_path), pairs=pairs,
+                      shuffle_seed=5)
+    files = _entries(tmp_path, teacher, data)
+    # on disk: G of the teacher as it is, whatever the seed
+    everything = next(BatchLoader(data, len(data)).epoch(0))
+    feats = teacher(everything.inputs, first.teacher_layers).features
+    on_disk = TeacherCache(tmp_path, cache_key(teacher, data)).load("fsp_stage1__stage2", len(data))
+    torch.testing.assert_close(on_disk, fsp_matrix(feats["stage1"], feats["stage2"]))
+    batch = next(_loader(data).epoch(2))
+    s_out = run_student(student, batch.inputs, first.student_layers)
+    t_out = teacher(batch.inputs, first.teacher_layers)
+    for seed, method in ((5, first), (6, None), (None, None)):
+        if method is None:
+            method = _prepared(student, teacher, data, store_teacher=True, store_dir=str(tmp_path), pairs=pairs,
+                               shuffle_seed=seed)
+        live = _prepared(student, teacher, data, store_teacher=False, pairs=pairs, shuffle_seed=seed)
+        torch.testing.assert_close(method(s_out, None, batch.targets, batch.index)["fsp"],
+                                   live(s_out, t_out, batch.targets)["fsp"])
+    assert _entries(tmp_path, teacher, data) == files  # the other seeds read the same entries, unchanged
+
+
+def _fit(student, teacher, data, cache_dir, *, augment=None, **params) -> list[dict]:
+    train = TrainConfig(epochs=2, batch_size=16, augment=augment or {},
+                        optimizer={"name": "adamw", "lr": 0.001, "weight_decay": 0.0})
+    torch.manual_seed(0)
+    trainer = Trainer(copy.deepcopy(student), data, data, [Stage(create_method("fsp", **params), train)],
+                      teacher=teacher, teacher_cache=cache_dir, progress=False, echo=lambda line: None)
+    return trainer.fit()
+
+
+def test_the_trainer_stores_the_matrices_once_and_reuses_them(tmp_path) -> None:
+    data = tiny_dataset(48)
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    live = counting(teacher)
+    live_history = _fit(student, live, data, None)  # teacher.cache off: the teacher runs every step
+    assert live.calls == 1 + 2 * 3  # setup's shape check + 2 epochs of 3 steps
+    first = counting(teacher)
+    first_history = _fit(student, first, data, tmp_path)  # store_teacher auto, cache on, no augmentation
+    assert first.calls == 1 + 1  # setup + one batch (of 512) computing every example's matrices
+    assert len(_entries(tmp_path, teacher, data)) == 3
+    again = counting(teacher)
+    again_history = _fit(student, again, data, tmp_path)
+    assert again.calls == 1  # setup only: the matrices come from disk
+    for history in (first_history, again_history):
+        assert [r["train_loss"] for r in history] == pytest.approx([r["train_loss"] for r in live_history],
+                                                                  rel=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "no_header"])
+def test_a_damaged_stored_entry_is_rebuilt_alone(tmp_path, damage) -> None:
+    data = tiny_dataset(40)
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    reference = _prepared(student, teacher, data, tmp_path)  # auto, with a cache folder: stored
+    assert reference.uses_stored_matrices
+    expected = [g.clone() for g in reference._stored]
+    before = _entries(tmp_path, teacher, data)
+    folder = tmp_path / cache_key(teacher, data)
+    damaged = folder / "fsp_stage1__stage2.bin"
+    raw = bytearray(damaged.read_bytes())
+    if damage == "truncate":  # a write cut short
+        damaged.write_bytes(raw[: len(raw) // 3])
+    elif damage == "flip_bytes":  # same size, plausible floats: only the checksum can tell
+        raw[64:72] = torch.tensor([1e3, -1e3]).numpy().tobytes()
+        damaged.write_bytes(raw)
+    else:  # killed after the data, before the header
+        damaged.with_suffix(".json").unlink()
+    fresh = counting(teacher)
+    with pytest.warns(CacheRebuiltWarning, match="fsp_stage1__stage2.bin"):
+        rebuilt = _prepared(student, fresh, data, tmp_path)
+    assert fresh.calls == 1 + 1  # setup + one pass over the data for the damaged entry
+    for got, want in zip(rebuilt._stored, expected):
+        assert torch.equal(got, want)
+    after = _entries(tmp_path, teacher, data)
+    assert after["fsp_stem__stage1.bin"] == before["fsp_stem__stage1.bin"]  # the intact entries were not rewritten
+    assert after["fsp_stage2__stage3.bin"] == before["fsp_stage2__stage3.bin"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt entry is good
+        assert _prepared(student, counting(teacher), data, tmp_path).uses_stored_matrices
+
+
+def test_another_teacher_data_or_pair_gets_its_own_entries(tmp_path) -> None:
+    data = tiny_dataset(40)
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    _prepared(student, teacher, data, tmp_path)
     changed = Teacher(_resnet(14, seed=4))
-    assert reused.store_key(changed, data) != reused.store_key(teacher, data)
-    assert reused.store_key(teacher, tiny_dataset(40, seed=9)) != reused.store_key(teacher, data)
-    with pytest.raises(AssertionError, match="recomputed"):
-        reused.prepare(changed, _loader(data))
+    other_data = tiny_dataset(40, seed=9)
+    assert cache_key(changed, data) != cache_key(teacher, data)
+    assert cache_key(teacher, other_data) != cache_key(teacher, data)
+    for t, d in ((changed, data), (teacher, other_data)):
+        fresh = counting(t)
+        method = _prepared(student, fresh, d, tmp_path)
+        assert fresh.calls == 2  # never served the stale matrices: computed anew
+        assert len(_entries(tmp_path, t, d)) == 3
+        batch = next(BatchLoader(d, len(d)).epoch(0))
+        feats = t(batch.inputs, method.teacher_layers).features
+        torch.testing.assert_close(method._stored[2], fsp_matrix(feats["stage2"], feats["stage3"]))
+    # a new pair under the same key adds its entry next to the others
+    pair = _prepared(student, counting(teacher), data, tmp_path, pairs=[["stem", "stage2"]])
+    assert pair.entry_names == ["fsp_stem__stage2"]
+    assert len(_entries(tmp_path, teacher, data)) == 4
+
+
+def test_when_auto_stores_and_where_true_stores(tmp_path) -> None:
+    data = tiny_dataset(40)
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    augmented = BatchLoader(data, 16, shuffle=True, augment=Augment(crop_padding=1))
+
+    def prepare(loader=None, cache_dir=None, **kwargs):
+        params = {k: kwargs.pop(k) for k in ("store_teacher", "store_dir") if k in kwargs}
+        method = create_method("fsp", **params)
+        method.setup(student, teacher, _example())
+        method.prepare(teacher, loader or _loader(data), cache_dir, **kwargs)
+        return method.uses_stored_matrices
+
+    assert prepare(cache_dir=tmp_path / "c1")  # auto, cache on
+    assert not prepare()  # auto, teacher cache off (no folder): runs the teacher
+    assert not prepare(augmented, tmp_path / "c2")  # auto never stores for augmented batches
+    size_mb = 40 * (16 * 16 + 16 * 32 + 32 * 64) * 4 / 2**20
+    assert prepare(cache_dir=tmp_path / "c3", max_mb=size_mb)
+    assert not prepare(cache_dir=tmp_path / "c4", max_mb=0.99 * size_mb)  # over the budget
+    assert not prepare(cache_dir=tmp_path / "c5", store_teacher=False)
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c4").exists() and not (tmp_path / "c5").exists()
+    # true: whatever the budget; store_dir, else the cache, else the run folder, else memory
+    assert prepare(cache_dir=tmp_path / "c6", max_mb=0.001, store_teacher=True)
+    assert prepare(run_dir=tmp_path / "run", store_teacher=True)
+    assert prepare(store_teacher=True)
+    assert prepare(store_teacher="auto", store_dir=str(tmp_path / "mine"))
+    for folder in ("c1", "c3", "c6", "run", "mine"):
+        assert len(_entries(tmp_path / folder, teacher, data)) == 3, folder
+    with pytest.raises(ValueError, match="store_teacher=true keeps one teacher target per training example"):
+        prepare(augmented, tmp_path / "c7", store_teacher=True)
 
 
 def test_stored_matrices_are_refused_with_augmentation_before_training() -> None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_idx import one_thread  # noqa: F401  (autouse fixture)
+from fakes import counting
+from tiny_idx import one_thread, tiny_dataset  # noqa: F401  (one_thread: autouse fixture)
 from torch import nn
 
-from distillery.config import MethodConfig
+from distillery.cache import cache_key
+from distillery.config import AugmentConfig, MethodConfig, TrainConfig
 from distillery.losses import virtual_teacher_probs
 from distillery.methods import METHODS, ModelOutputs, Teacher, create_method, run_student
 from distillery.models import create_model
+from distillery.train import Stage, Trainer
 
 N, K = 6, 5
 
@@ -195,6 +200,41 @@ def test_fitnets_uses_a_linear_regressor_for_vectors() -> None:
     method.setup(student, teacher, EXAMPLE)
     assert isinstance(method.regressor, nn.Linear)
     assert (method.regressor.in_features, method.regressor.out_features) == (6, 9)
+
+
+def test_fitnets_hints_are_stored_in_the_teacher_cache_within_the_budget(tmp_path) -> None:
+    data = tiny_dataset(48)  # 8×8 images: the stage2 hint is 32×4×4 per example
+    student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
+    train = TrainConfig(epochs=2, batch_size=16, optimizer={"name": "adamw", "lr": 0.001, "weight_decay": 0.0})
+
+    def fit(cache_dir, max_mb=None, **params):
+        counted = counting(teacher)
+        torch.manual_seed(0)
+        trainer = Trainer(copy.deepcopy(student), data, data, [Stage(create_method("fitnets", **params), train)],
+                          teacher=counted, teacher_cache=cache_dir, teacher_cache_max_mb=max_mb, progress=False,
+                          echo=lambda line: None)
+        losses = [r["train_loss"] for r in trainer.fit()]
+        return counted.calls, losses, trainer.stages[0].method.uses_stored_hints
+
+    live_calls, live_losses, stored = fit(None)  # teacher cache off: the teacher runs every step
+    assert (live_calls, stored) == (1 + 2 * 3, False)
+    calls, losses, stored = fit(tmp_path)  # store_teacher auto, cache on, no augmentation, small
+    assert (calls, stored) == (1 + 1, True)  # setup + one batch computing every example's hint
+    assert losses == pytest.approx(live_losses, rel=1e-4)
+    entry = tmp_path / cache_key(teacher, data) / "hint_stage2.bin"
+    assert entry.stat().st_size == 48 * 32 * 4 * 4 * 4
+    calls, losses, stored = fit(tmp_path)
+    assert (calls, stored) == (1, True)  # read back from disk
+    assert losses == pytest.approx(live_losses, rel=1e-4)
+    size_mb = 48 * 32 * 4 * 4 * 4 / 2**20
+    calls, _, stored = fit(tmp_path / "small", max_mb=0.9 * size_mb)  # over the budget: not stored
+    assert (calls, stored) == (1 + 2 * 3, False) and not (tmp_path / "small").exists()
+    calls, _, stored = fit(tmp_path / "small", max_mb=0.9 * size_mb, store_teacher=True)  # asked: stored
+    assert (calls, stored) == (2, True)
+    augmented = train.model_copy(update={"augment": AugmentConfig(hflip=True)})
+    method = create_method("fitnets", store_teacher=True)
+    with pytest.raises(ValueError, match="fitnets' store_teacher=true .* only valid without augmentation"):
+        Trainer(_resnet(8), data, data, [Stage(method, augmented)], teacher=teacher, progress=False)
 
 
 def test_fitnets_refuses_a_map_guiding_a_vector_and_names_the_layers() -> None:

@@ -107,11 +107,26 @@ def test_tfkd_self_generations(setup) -> None:
     assert gen1 != gen2  # generation 2 was taught by generation 1, not by the student alone
 
 
-def test_fsp_with_stored_teacher_matrices(setup) -> None:
+def test_fsp_teacher_matrices_are_stored_in_the_teacher_cache(setup) -> None:
+    # defaults (teacher.cache auto, store_teacher auto) and a stage 1 without augmentation: stored there
+    cache = setup["root"] / "fsp_cache"
     assert _distill(setup, "stored", "--method", "fsp", "--teacher", str(setup["teacher"]),
-                    "--set", "distill.stages.0.method.store_teacher=true") == 0
-    assert len(list((setup["root"] / "runs/stored/student_distilled").glob("fsp_teacher_*.pt"))) == 1
+                    "--set", f"teacher.cache_dir={cache}") == 0
+    assert sorted(p.name for p in cache.glob("*/fsp_*.bin")) == [
+        "fsp_stage1__stage2.bin", "fsp_stage2__stage3.bin", "fsp_stem__stage1.bin"]
     _assert_loss_falls(_history(setup, "stored"))
+    # teacher.cache off turns auto off; an explicit store_teacher=true then stores in the run folder
+    off = setup["root"] / "off_cache"
+    assert _distill(setup, "stored_off", "--method", "fsp", "--teacher", str(setup["teacher"]),
+                    "--set", f"teacher.cache_dir={off}", "--set", "teacher.cache=off",
+                    "--set", "distill.stages.0.method.store_teacher=true") == 0
+    assert not off.exists()
+    assert len(list((setup["root"] / "runs/stored_off/student_distilled").glob("*/fsp_*.bin"))) == 3
+    # matrices over teacher.cache_max_mb (128 examples × 2,816 floats = 1.4 MB) are not stored by auto
+    small = setup["root"] / "small_cache"
+    assert _distill(setup, "over_budget", "--method", "fsp", "--teacher", str(setup["teacher"]),
+                    "--set", f"teacher.cache_dir={small}", "--set", "teacher.cache_max_mb=1") == 0
+    assert not small.exists()
 
 
 def test_teacher_from_another_task_drives_fsp_but_not_hinton(setup, capsys) -> None:

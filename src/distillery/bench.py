@@ -9,13 +9,12 @@ limit of distillation). Rows:
     kd reference        a minimal hand-written PyTorch KD loop (:func:`reference_kd_loop`)
     kd on the fly       our Trainer, method ``hinton``, teacher run every step
     kd cached           the same with the teacher-output cache (built beforehand, not timed)
-    fsp1 on the fly     FSP stage 1 (ResNets only), teacher features → FSP matrices every step
-    fsp1 stored         the same with the teacher's FSP matrices read from a TeacherCache
+    fsp1 on the fly     our Trainer, FSP stage 1 (method ``fsp``, default ResNet stage pairs, its
+                        stage-1 AdamW; ResNets only), teacher run every step (store_teacher=false)
+    fsp1 stored         the same with the teacher's FSP matrices read from the teacher cache
+                        (store_teacher=true; stored beforehand, not timed)
     eval evaluate()     distillery.train.evaluate at batch 256
     eval bare model(x)  ``model(x)`` on ready-made normalised batches, under inference_mode
-
-The FSP rows use :func:`fsp_stage1_loop`, a small adapter over ``losses.fsp_matrix`` /
-``losses.fsp_loss``, until the ``fsp`` method can serve stored matrices through the Trainer.
 
 Speed: one subprocess per workload sets up all its rows, runs a warm-up round, then interleaves
 them in rounds (each round: one short epoch of :data:`CHUNK` steps of every row in turn), so a busy
@@ -55,7 +54,6 @@ PAIRS = {  # workload name: (teacher model, student model, student kwargs)
     "resnet20→resnet8": ("resnet20", "resnet8", {}),
     "mlp1200²→mlp800²": ("mlp_hinton_teacher", "mlp", {"hidden": [800, 800]}),
 }
-FSP_PAIRS = (("stem", "stage1"), ("stage1", "stage2"), ("stage2", "stage3"))  # start and end of each stage
 ROWS = ("ce alone", "kd reference", "kd on the fly", "kd cached", "fsp1 on the fly", "fsp1 stored",
         "eval evaluate()", "eval bare model(x)")
 # (row, baseline row, minimum ratio) — the targets this benchmark exists to watch.
@@ -78,7 +76,7 @@ class Result:
     memory: str = "VmHWM"  # how peak memory was measured (see PeakMemory)
 
 
-# ---------------------------------------------------------------- the reference and the FSP adapter
+# ---------------------------------------------------------------- the reference loop
 
 
 def reference_kd_loop(teacher: nn.Module, student: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
@@ -95,35 +93,6 @@ def reference_kd_loop(teacher: nn.Module, student: nn.Module, batches: Sequence[
         logits = student(x)
         kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
         loss = ce_weight * F.cross_entropy(logits, labels) + kd_weight * temperature**2 * kd
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
-def fsp_matrices(features: dict[str, Tensor]) -> list[Tensor]:
-    """The FSP matrices of :data:`FSP_PAIRS` from a forward pass's tapped features."""
-    from distillery.losses import fsp_matrix
-
-    return [fsp_matrix(features[a], features[b]) for a, b in FSP_PAIRS]
-
-
-def fsp_stage1_loop(student: nn.Module, batches: Iterable, *, teacher=None,
-                    stored: Sequence[Tensor] | None = None) -> None:
-    """FSP stage 1 (minimise L_FSP, equal λ_i) with the teacher's matrices computed or ``stored``."""
-    from distillery.losses import fsp_loss
-    from distillery.methods import run_student
-
-    layers = sorted({name for pair in FSP_PAIRS for name in pair})
-    weights = [1.0 / len(FSP_PAIRS)] * len(FSP_PAIRS)
-    optimizer = torch.optim.SGD(student.parameters(), **SGD)
-    student.train()
-    for batch in batches:
-        if stored is not None:
-            targets = [g[batch.index] for g in stored]
-        else:
-            with torch.no_grad():
-                targets = fsp_matrices(teacher(batch.inputs, layers).features)
-        loss = fsp_loss(fsp_matrices(run_student(student, batch.inputs, layers).features), targets, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -217,6 +186,7 @@ def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int], li
     from distillery.config import TrainConfig
     from distillery.data import BatchLoader
     from distillery.methods import Teacher, create_method
+    from distillery.methods.fsp import STAGE1_OPTIMIZER
     from distillery.train import Stage, Trainer, evaluate
     from distillery.train.loop import prefer_channels_last
 
@@ -226,7 +196,7 @@ def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int], li
     def durations(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
 
-    if row in ("ce alone", "kd on the fly", "kd cached"):
+    if row in ("ce alone", "kd on the fly", "kd cached", "fsp1 on the fly", "fsp1 stored"):
         stamps: list[tuple[float, float]] = []
 
         class StepTimedTrainer(Trainer):
@@ -238,17 +208,22 @@ def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int], li
                 stamps.append(stamp())
                 return super()._epoch_record(*args, **kwargs)
 
-        method = create_method("ce") if row == "ce alone" else create_method("hinton", **KD)
-        cfg = TrainConfig(epochs=1, batch_size=BATCH, schedule={"name": "constant"},
-                          optimizer={"name": "sgd", "lr": SGD["lr"], "momentum": SGD["momentum"],
-                                     "weight_decay": SGD["weight_decay"]})
+        optimizer = {"name": "sgd", "lr": SGD["lr"], "momentum": SGD["momentum"], "weight_decay": SGD["weight_decay"]}
+        if row == "ce alone":
+            method = create_method("ce")
+        elif row.startswith("kd"):
+            method = create_method("hinton", **KD)
+        else:  # FSP stage 1 as `distillery distill --method fsp` runs it, with the default pairs and optimiser
+            method, optimizer = create_method("fsp", store_teacher=row == "fsp1 stored"), STAGE1_OPTIMIZER
+        cfg = TrainConfig(epochs=1, batch_size=BATCH, schedule={"name": "constant"}, optimizer=optimizer)
         small_test = test.subset(EVAL_BATCH)
+        cached = row in ("kd cached", "fsp1 stored")
 
         def run_trainer(r: int) -> list[tuple[float, float]]:
             stamps.clear()
             StepTimedTrainer(student, train, small_test, [Stage(method, cfg)], teacher=Teacher(teacher_net),
                              seed=r, progress=False, echo=lambda line: None,
-                             teacher_cache=workdir / "cache" if row == "kd cached" else None).fit()
+                             teacher_cache=workdir / "cache" if cached else None).fit()
             return durations(stamps)
 
         return run_trainer, BATCH
@@ -261,25 +236,6 @@ def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int], li
             return durations(stamps)
 
         return run_reference, BATCH
-    if row.startswith("fsp1"):
-        prefer_channels_last(student, "cpu")
-        prefer_channels_last(teacher_net, "cpu")
-        loader = BatchLoader(train, BATCH, shuffle=True, drop_last=True)
-        stored = None
-        teacher = Teacher(teacher_net)
-        if row == "fsp1 stored":
-            from distillery.cache import TeacherCache
-
-            cache = TeacherCache(workdir / "cache", f"fsp-{workload}")
-            stored = [cache.load(f"fsp{i}", len(train)) for i in range(len(FSP_PAIRS))]
-            assert all(s is not None for s in stored), "the parent process stores the FSP matrices first"
-
-        def run_fsp(r: int) -> list[tuple[float, float]]:
-            stamps: list[tuple[float, float]] = []
-            fsp_stage1_loop(student, timed(loader.epoch(r), stamps), teacher=teacher, stored=stored)
-            return durations(stamps)
-
-        return run_fsp, BATCH
     if row == "eval evaluate()":
         prefer_channels_last(student, "cpu")  # as the Trainer leaves it; the bare loop gets the same model
         loader = BatchLoader(test, EVAL_BATCH)
@@ -350,9 +306,9 @@ def memory_of_row(workdir: Path, workload: str, row: str) -> dict[str, float | s
 
 def _prepare(workdir: Path, data_root: str | None, echo) -> None:
     """Write the data subset and initial weights every row shares, and fill the teacher caches."""
-    from distillery.cache import CachedTeacher, TeacherCache
+    from distillery.cache import CachedTeacher
     from distillery.data import BatchLoader, load_idx_dataset
-    from distillery.methods import Teacher
+    from distillery.methods import Teacher, create_method
     from distillery.models import create_model
     from distillery.train.loop import prefer_channels_last
 
@@ -371,15 +327,10 @@ def _prepare(workdir: Path, data_root: str | None, echo) -> None:
         echo(f"  {workload}: teacher logits cached in {time.perf_counter() - start:.1f} s (one-time, not timed)")
         if teacher_name.startswith("resnet"):
             start = time.perf_counter()
-            layers = sorted({name for pair in FSP_PAIRS for name in pair})
-            parts: list[list[Tensor]] = [[] for _ in FSP_PAIRS]
-            with torch.no_grad():
-                for batch in BatchLoader(train, 512).epoch(0):
-                    for part, g in zip(parts, fsp_matrices(Teacher(teacher)(batch.inputs, layers).features)):
-                        part.append(g)
-            cache = TeacherCache(workdir / "cache", f"fsp-{workload}")
-            for i, part in enumerate(parts):
-                cache.save(f"fsp{i}", torch.cat(part))
+            fsp = create_method("fsp", store_teacher=True)  # the row's method fills the cache it will read
+            loader = BatchLoader(train, BATCH, shuffle=True)
+            fsp.setup(student, Teacher(teacher), next(loader.epoch(0)).inputs[:8])
+            fsp.prepare(Teacher(teacher), loader, workdir / "cache")
             echo(f"  {workload}: teacher FSP matrices stored in {time.perf_counter() - start:.1f} s (one-time)")
 
 

@@ -16,9 +16,10 @@ header is the completion marker: a run killed mid-write leaves no header and the
 On load the header, size and checksum are checked; an entry that fails any check is reported with
 :class:`CacheRebuiltWarning`, deleted and rebuilt — never used.
 
-:class:`TeacherCache` stores any per-example tensors by name (logits today; FSP matrices or other
-teacher features later). :class:`CachedTeacher` serves a :class:`~distillery.methods.Teacher`'s
-logits from it, with the teacher's call interface plus the batch's dataset indices.
+:class:`TeacherCache` stores any per-example tensors by name: the logits, which
+:class:`CachedTeacher` serves with the teacher's call interface plus the batch's dataset indices,
+and the feature methods' targets (``fsp_<a>__<b>``: FSP matrices of a teacher layer pair;
+``hint_<layer>``: FitNets hints), which :mod:`distillery.methods.stored` loads for them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,6 +85,21 @@ def cache_key(teacher: Teacher, dataset: ImageDataset, device: torch.device | st
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
+
+
+def entry_name(kind: str, *layers: str) -> str:
+    """A cache entry name for ``kind`` of the teacher ``layers``, usable as a file name.
+
+    ``entry_name("fsp", "stem", "stage1") == "fsp_stem__stage1"``. Characters other than letters,
+    digits, ``.``, ``-`` and ``_`` become ``_``; when that changes a name, or a name holds the
+    ``__`` separator, a short hash of the exact names is appended so different layers never share
+    an entry.
+    """
+    safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", layer) for layer in layers]
+    name = f"{kind}_{'__'.join(safe)}"
+    if safe != list(layers) or any("__" in layer for layer in layers) or not all(layers):
+        name += "_" + hashlib.sha256(repr((kind, layers)).encode()).hexdigest()[:8]
+    return name
 
 
 def _file_sha256(path: Path) -> str:
@@ -197,31 +214,58 @@ class TeacherCache:
 
     def get_or_compute(self, name: str, compute: Callable[[], Tensor], count: int | None = None) -> Tensor:
         """The stored entry ``name``, or ``compute()`` stored and then returned (as loaded back)."""
-        found = self.load(name, count)
-        if found is not None:
-            return found
-        value = compute()
-        if count is not None and value.shape[0] != count:
-            raise ValueError(f"cache entry {name!r}: computed {value.shape[0]} rows, expected {count}")
-        self.save(name, value)
-        loaded = self.load(name, count)
-        assert loaded is not None, f"cache entry {name!r} unreadable right after writing it"
-        return loaded
+        return self.get_or_compute_many([name], lambda missing: {name: compute()}, count)[name]
+
+    def get_or_compute_many(self, names: Sequence[str], compute: Callable[[list[str]], dict[str, Tensor]],
+                            count: int | None = None) -> dict[str, Tensor]:
+        """The stored entries ``names``; the missing (or unusable) ones come from one call of
+        ``compute(missing_names)``, are stored, and are returned as loaded back."""
+        loaded = {name: self.load(name, count) for name in dict.fromkeys(names)}
+        missing = [name for name, value in loaded.items() if value is None]
+        computed = compute(missing) if missing else {}
+        found: dict[str, Tensor] = {}
+        for name, value in loaded.items():
+            if value is None:
+                fresh = computed[name]
+                if count is not None and fresh.shape[0] != count:
+                    raise ValueError(f"cache entry {name!r}: computed {fresh.shape[0]} rows, expected {count}")
+                self.save(name, fresh)
+                value = self.load(name, count)
+                assert value is not None, f"cache entry {name!r} unreadable right after writing it"
+            found[name] = value
+        return found
 
 
 @torch.no_grad()
+def compute_per_example(teacher: Teacher, dataset: ImageDataset, targets: Callable[[ModelOutputs], dict[str, Tensor]],
+                        layers: Sequence[str] = (), device: torch.device | str = "cpu",
+                        batch_size: int = 512) -> dict[str, Tensor]:
+    """``targets(teacher outputs)`` for every example of ``dataset`` in order, as the training loader feeds it.
+
+    ``targets`` maps one batch's outputs (logits and the ``layers``' features) to named tensors with
+    one row per example; the rows of all batches are gathered on the CPU as float32 (preallocated,
+    so the peak is one copy of the result plus one batch).
+    """
+    loader = BatchLoader(dataset, batch_size, device=device)
+    out: dict[str, Tensor] = {}
+    for batch in loader.epoch(0):
+        for name, value in targets(teacher(batch.inputs, layers)).items():
+            if name not in out:
+                out[name] = torch.empty((len(dataset), *value.shape[1:]), dtype=torch.float32)
+            out[name][batch.index.cpu()] = value.float().cpu()
+    return out
+
+
 def compute_teacher_logits(teacher: Teacher, dataset: ImageDataset, device: torch.device | str = "cpu",
                            batch_size: int = 512) -> Tensor:
     """Teacher logits for every example of ``dataset`` in order, as the training loader feeds it.
 
     N×K for one teacher, N×M×K for an ensemble of M (examples first, so rows index examples).
     """
-    loader = BatchLoader(dataset, batch_size, device=device)
-    parts = []
-    for batch in loader.epoch(0):
-        logits = teacher(batch.inputs).logits
-        parts.append((logits.transpose(0, 1) if teacher.is_ensemble else logits).float().cpu())
-    return torch.cat(parts)
+    def logits(out: ModelOutputs) -> dict[str, Tensor]:
+        return {"logits": out.logits.transpose(0, 1) if teacher.is_ensemble else out.logits}
+
+    return compute_per_example(teacher, dataset, logits, device=device, batch_size=batch_size)["logits"]
 
 
 class CachedTeacher:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distillery.methods import method_class
+from distillery.methods.stored import DEFAULT_MAX_MB
 
 
 class ConfigError(ValueError):
@@ -97,9 +98,12 @@ class TeacherConfig(Section):
                                 description="more trained teacher checkpoints: the teacher becomes the ensemble of "
                                             "the teacher and these (for method 'ensemble')")
     cache: Literal["auto", "off"] = Field(
-        "auto", description="auto: store the teacher's logits once and reuse them wherever that is exact "
-                            "(stages without augmentation whose method reads only logits); off: always run it")
+        "auto", description="auto: store the teacher's outputs once and reuse them wherever that is exact "
+                            "(stages without augmentation: logits, and the FSP matrices / FitNets hints of methods "
+                            "with store_teacher auto); off: always run it")
     cache_dir: str | None = Field(None, description="folder of the teacher-output cache (default <output_dir>/cache)")
+    cache_max_mb: float = Field(DEFAULT_MAX_MB, gt=0, description="largest stored feature target (FSP matrices, "
+                                "FitNets hints of all training examples) that cache auto keeps, MB")
 
     @field_validator("cache", mode="before")
     @classmethod

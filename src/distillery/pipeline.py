@@ -137,6 +137,7 @@ def train_model(
     teacher: Teacher | None = None,
     teacher_key: str = "",
     teacher_cache: Path | None = None,
+    teacher_cache_max_mb: float | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -158,7 +159,8 @@ def train_model(
     action = distributed.current().on_main(lambda: prepare_run_dir(run_dir, key, resume=resume, overwrite=overwrite))
     stages = [Stage(create_method(name, **params), train) for name, params, train in stages_spec]
     trainer = Trainer(
-        model, train_data, test_data, stages, teacher=teacher, teacher_cache=teacher_cache, run_dir=run_dir,
+        model, train_data, test_data, stages, teacher=teacher, teacher_cache=teacher_cache,
+        teacher_cache_max_mb=teacher_cache_max_mb, run_dir=run_dir,
         device=device, seed=config.seed, amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role,
         progress=progress, sync_batchnorm=config.sync_batchnorm,
         meta={"model": model_config.model_dump(mode="json"), "fingerprint": key, "role": role,
@@ -240,7 +242,8 @@ def distill_student(config: RunConfig, data: tuple[ImageDataset, ImageDataset], 
         members = [current.model, *(extra if k == 1 else [])] if current is not None else []
         trained = train_model(config, role, config.student.model, stages, data,
                               teacher=Teacher(members) if members else None, teacher_key=key,
-                              teacher_cache=teacher_cache_dir(config), **kwargs)
+                              teacher_cache=teacher_cache_dir(config),
+                              teacher_cache_max_mb=config.teacher.cache_max_mb, **kwargs)
         if current is not None:
             current, key = trained, run_key(trained)
     return trained

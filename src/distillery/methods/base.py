@@ -9,7 +9,7 @@ In a plain training loop (``loader`` yields inputs, targets and dataset indices)
 
     method = create_method("hinton", temperature=4, kd_weight=0.9, ce_weight=0.1)
     method.setup(student, teacher, example_inputs)          # checks the pair, builds learnable parts
-    method.prepare(teacher, batch_loader)                   # only methods with stored targets need this
+    method.prepare(teacher, batch_loader, Path("cache"))    # FSP, FitNets: store teacher targets there
     for inputs, targets, index in loader:
         teacher_out = method.teacher_outputs(teacher, inputs)
         student_out = run_student(student, inputs, method.student_layers)
@@ -92,11 +92,15 @@ class Method(nn.Module):
         if self.compares_logits:
             check_same_classes(student, teacher, example, self.name)
 
-    def prepare(self, teacher: Teacher | None, loader: BatchLoader, cache_dir: Path | None = None) -> None:
+    def prepare(self, teacher: Teacher | None, loader: BatchLoader, cache_dir: Path | None = None, *,
+                run_dir: Path | None = None, max_mb: float | None = None) -> None:
         """Called once with the stage's training loader before the stage trains; a no-op by default.
 
-        Methods that precompute per-example teacher targets (FSP's stored matrices) do it here and
-        refuse loaders whose batches are augmented (a stored target would not match the input).
+        Methods that precompute per-example teacher targets (FSP's matrices, FitNets' hints; see
+        :mod:`distillery.methods.stored`) do it here, in ``cache_dir`` (the teacher-output cache
+        folder; None when caching is off), or ``run_dir`` when told explicitly to store, within
+        ``max_mb`` when deciding on their own; they never store for augmented batches (a stored
+        target would not match the input).
         """
 
     def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor,

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,9 @@ class Trainer:
     ``run_dir`` (optional) receives ``checkpoint.pt`` and ``metrics.jsonl``. ``meta`` is stored in
     the checkpoint as is (the model spec and config fingerprint, so the run can be rebuilt and
     recognised). ``teacher_cache`` (a folder) turns on the teacher-output cache for the stages where
-    it is exact: the method needs only the teacher's logits and the stage does not augment.
+    it is exact: the method needs only the teacher's logits and the stage does not augment; methods
+    with stored feature targets (FSP, FitNets) also keep them there, up to ``teacher_cache_max_mb``
+    (see :mod:`distillery.methods.stored`).
     ``dist`` defaults to the process group this process has joined (torchrun), if any;
     ``sync_batchnorm`` converts the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA only).
     """
@@ -227,6 +230,7 @@ class Trainer:
         *,
         teacher: Teacher | None = None,
         teacher_cache: str | Path | None = None,
+        teacher_cache_max_mb: float | None = None,
         run_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
@@ -273,7 +277,9 @@ class Trainer:
             stage.method.to(self.device)
             stage.method.setup(self.student, self.teacher, example)
             stage.method.to(self.device)
-            stage.method.prepare(self.teacher, self._train_loader(s), self.run_dir)
+            # Distributed: rank 0 fills the teacher cache first, then the other ranks read it.
+            self.dist.main_first(partial(stage.method.prepare, self.teacher, self._train_loader(s), self.teacher_cache,
+                                         run_dir=self.run_dir, max_mb=teacher_cache_max_mb))
 
     # ------------------------------------------------------------------ public
 

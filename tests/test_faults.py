@@ -49,7 +49,7 @@ def _same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _wait_for_epochs(run_dir: Path, proc: subprocess.Popen, epochs: int, timeout: float = 60.0) -> None:
+def _wait_for_epochs(run_dir: Path, proc: subprocess.Popen, epochs: int, timeout: float = 600.0) -> None:
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ from distillery.pipeline import load_trained_model
 from distillery.reproduce import EXPERIMENTS, Env, Result, run_experiment
 from distillery.reproduce.hinton import accuracy_with_bias, choose_bias
 from distillery.reproduce.report import Claim, build_rows, markdown_table
-from distillery.reproduce.runs import DataSpec, RunSpec, Stage, TeacherRef, estimate_seconds
+from distillery.reproduce.runs import RUN_OVERHEAD, DataSpec, RunSpec, Stage, TeacherRef, estimate_seconds
 from distillery.reproduce.stats import mean_std, paired_difference, t_cdf, t_quantile, verdict
 from distillery.train import Stage as TrainStage
 from distillery.train import Trainer, load_checkpoint
@@ -168,14 +168,15 @@ def test_run_key_covers_the_config_and_teachers_but_not_label_or_device() -> Non
 
 def test_cost_estimate_by_hand() -> None:
     # mlp 800-800: 0.104 ms per training image, 0.032 per test image; 2 epochs of 1000 and of 100.
-    assert estimate_seconds(_spec(), 1000, 100) == pytest.approx((2 * 1000 * 0.104 + 2 * 100 * 0.032) / 1000)
+    k = RUN_OVERHEAD / 1000
+    assert estimate_seconds(_spec(), 1000, 100) == pytest.approx(k * (2 * 1000 * 0.104 + 2 * 100 * 0.032))
     teacher = _spec(model={"name": "mlp_hinton_teacher"})
     cached = _spec(stages=(Stage("hinton", {}, {"epochs": 2}),), teachers=(TeacherRef(teacher),))
     on_the_fly = _spec(stages=(Stage("hinton", {}, {"epochs": 2, "augment": {"hflip": True}}),),
                        teachers=(TeacherRef(teacher),))
     # Cached logits: one teacher pass over the data; augmented batches: one per step.
-    assert estimate_seconds(cached, 1000, 100) == pytest.approx((2 * 1000 * 0.104 + 1000 * 0.061 + 6.4) / 1000)
-    assert estimate_seconds(on_the_fly, 1000, 100) == pytest.approx((2 * 1000 * (0.104 + 0.061) + 6.4) / 1000)
+    assert estimate_seconds(cached, 1000, 100) == pytest.approx(k * (2 * 1000 * 0.104 + 1000 * 0.061 + 6.4))
+    assert estimate_seconds(on_the_fly, 1000, 100) == pytest.approx(k * (2 * 1000 * (0.104 + 0.061) + 6.4))
     assert estimate_seconds(_spec(model={"name": "pkg.mod:net"}), 1000, 100) is None
 
 
@@ -280,6 +281,7 @@ def test_bad_reproduce_input_exits_2(tiny_root: Path, tmp_path: Path, capsys: py
         (["reproduce", "hintn"], "unknown experiment 'hintn'; choose one of hinton, fsp, tfkd"),
         (["reproduce", "fsp", "--budget", "huge"], "has no budget 'huge'; choose one of quick, full"),
         (["reproduce", "fsp", "--seeds", "0"], "--seeds must be >= 1"),
+        (["reproduce", "fsp", "--threads", "0"], "--threads must be >= 1"),
     ):
         assert main([*args, "--out", str(tmp_path / "x"), "--dry-run"]) == 2
         assert message in capsys.readouterr().err

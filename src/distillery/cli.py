@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (runs, seeds, estimated minutes) and stop")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--data-root", default=None, metavar="DIR", help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 lets two experiments share 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     sub.add_parser("models", help="list the registered model names")
@@ -195,6 +197,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         experiment = get_experiment(args.experiment)
         resolve_device(args.device)  # an unusable device fails before any planning
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         out = args.out or f"runs/reproduce/{args.experiment}-{args.budget}"
         run_experiment(experiment, args.budget, args.seeds, out, env=Env(args.device, args.data_root),
                        dry_run=args.dry_run, progress=not args.no_progress)

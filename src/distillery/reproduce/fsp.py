@@ -55,8 +55,8 @@ class FSPBudget:
 
 
 BUDGETS = {
-    # ~45 min on one CPU thread for 3 seeds (docs/reproduce.md): ResNet-14 → ResNet-8, 5,000 images.
-    "quick": FSPBudget(train_size=5000, test_size=2000, teacher_epochs=9, stage1_epochs=1, small_epochs=6),
+    # ~44 min on one CPU thread for 3 seeds (docs/reproduce.md): ResNet-14 → ResNet-8, 4,000 images.
+    "quick": FSPBudget(train_size=4000, test_size=2000, teacher_epochs=9, stage1_epochs=1, small_epochs=6),
     # Paper-like (a GPU): ResNet-26 → ResNet-8 (the paper's CIFAR-10 pair), all data, ~64k teacher iterations.
     "full": FSPBudget(train_size=None, test_size=None, teacher_epochs=150, stage1_epochs=10, small_epochs=150,
                       teacher={"name": "resnet26"}, store_teacher=False),

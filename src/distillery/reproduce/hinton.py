@@ -2,9 +2,10 @@
 
 Per seed:
 
-- a large MLP teacher (1200-1200 ReLU, dropout 0.5 on hidden units and 0.2 on the input, input
-  jitter: random translations of up to ``jitter`` pixels) and ``ensemble_size − 1`` more like it
-  (other initial weights and batch orders), whose averaged soft outputs make the ensemble teacher;
+- a large MLP teacher (1200-1200 ReLU with dropout, and input jitter: random translations of up
+  to ``jitter`` pixels; the full budget uses the paper's dropout 0.5 on hidden units and 0.2 on the
+  input, the quick budget less, see its note) and ``ensemble_size − 1`` more like it (other initial
+  weights and batch orders), whose averaged soft outputs make the ensemble teacher;
 - the small MLP (800-800, no regularisation) trained alone, and distilled from the teacher at each
   temperature (``hinton``: ce_weight 0.1, kd_weight 0.9, the paper's "considerably lower weight on
   the hard targets"), and distilled from the ensemble (``ensemble``) at T = 20;
@@ -49,12 +50,19 @@ class HintonBudget:
     batch_size: int = 128
     dataset: str = "fashion_mnist"
     pixels: int = 28 * 28
+    note: str = ""
 
 
 BUDGETS = {
-    # ~35 min on one CPU thread for 3 seeds (docs/reproduce.md): a third of the training split, 20 epochs.
-    "quick": HintonBudget(train_size=20000, val_size=5000, test_size=None, teacher_epochs=20, student_epochs=20),
-    # Paper-like: the whole training split less a validation slice, long training (a GPU).
+    # ~46 min on one CPU thread for 3 seeds (docs/reproduce.md): a third of the training split, 20 epochs.
+    "quick": HintonBudget(
+        train_size=20000, val_size=5000, test_size=None, teacher_epochs=20, student_epochs=20,
+        teacher={"name": "mlp", "kwargs": {"hidden": [1200, 1200], "dropout": 0.3, "input_dropout": 0.1}}, jitter=1,
+        note="The teacher is regularised less than the paper's (dropout 0.3 on hidden units, 0.1 on the input, "
+             "jitter ±1 px instead of 0.5, 0.2, ±2 px): in 20 epochs the paper's settings left it below the "
+             "student trained alone (82.4 vs 84.8 % on 5,000 images), these beat it (87.0 vs 86.2 % on 10,000). "
+             "The full budget uses the paper's teacher."),
+    # Paper-like: the paper's teacher, the whole training split less a validation slice, long training (a GPU).
     "full": HintonBudget(train_size=55000, val_size=5000, test_size=None, teacher_epochs=200, student_epochs=200,
                          ensemble_size=10),
     # For the tests: tiny images, tiny nets, one or two epochs.
@@ -222,6 +230,7 @@ def header(budget: HintonBudget) -> list[str]:
         "Distillation: ce_weight 0.1, kd_weight 0.9 (L = 0.1·CE + 0.9·T²·KL), temperatures "
         f"{', '.join(f'{t:g}' for t in budget.temperatures)}; ensemble and omitted-class students at "
         f"T={budget.ensemble_temperature:g}.",
+        *([budget.note] if budget.note else []),
     ]
 
 

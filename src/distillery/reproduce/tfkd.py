@@ -47,7 +47,7 @@ class TfKDBudget:
 
 
 BUDGETS = {
-    # ~30 min on one CPU thread for 3 seeds (docs/reproduce.md): CNN teacher, MLP student, a third of the data.
+    # ~44 min on one CPU thread for 3 seeds (docs/reproduce.md): CNN teacher, MLP student, a third of the data.
     "quick": TfKDBudget(train_size=20000, test_size=None, teacher_epochs=10, student_epochs=20),
     # Paper-like (a GPU): ResNet-26 teacher, ResNet-8 student, all data, 200 epochs, augmentation for both.
     "full": TfKDBudget(train_size=None, test_size=None, teacher_epochs=200, student_epochs=200,

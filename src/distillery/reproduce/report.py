@@ -97,7 +97,8 @@ def write_markdown(path: Path, title: str, header: Sequence[str], rows: Sequence
     """report.md: header lines, the claims table, extra sections, per-seed values, the plots."""
     parts = [f"# {title}\n", "\n".join(f"- {line}" for line in header) + "\n",
              "## Results\n",
-             f"Mean ± std over {len(seeds)} seed(s); Δ is the mean of the per-seed differences to the baseline "
+             f"Test accuracy in % (Δ in percentage points). Mean ± std over {len(seeds)} seed(s); Δ is the mean "
+             "of the per-seed differences to the baseline "
              "(paired: same seed, same data subset) with a 95 % Student-t interval; 'reproduced here' is yes when "
              "the interval lies wholly on the side the paper claims, no when wholly on the other side, "
              "inconclusive when it spans 0.\n",

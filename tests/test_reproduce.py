@@ -22,7 +22,15 @@ from distillery.pipeline import load_trained_model
 from distillery.reproduce import EXPERIMENTS, Env, Result, run_experiment
 from distillery.reproduce.hinton import accuracy_with_bias, choose_bias
 from distillery.reproduce.report import Claim, build_rows, markdown_table
-from distillery.reproduce.runs import RUN_OVERHEAD, DataSpec, RunSpec, Stage, TeacherRef, estimate_seconds
+from distillery.reproduce.runs import (
+    RUN_OVERHEAD,
+    DataSpec,
+    RunSpec,
+    Stage,
+    TeacherRef,
+    estimate_seconds,
+    run_status,
+)
 from distillery.reproduce.stats import mean_std, paired_difference, t_cdf, t_quantile, verdict
 from distillery.train import Stage as TrainStage
 from distillery.train import Trainer, load_checkpoint
@@ -286,3 +294,33 @@ def test_bad_reproduce_input_exits_2(tiny_root: Path, tmp_path: Path, capsys: py
         assert main([*args, "--out", str(tmp_path / "x"), "--dry-run"]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_run_is_continued_to_the_same_weights(tiny_root: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first run trained is seed 0's teacher (2 epochs of 5 batches); stop it in its second epoch.
+    original, calls = Trainer._step, []
+
+    def stop_in_epoch_two(self, *args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_step", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _reproduce("hinton", tiny_root, tmp_path / "a", seeds=1)
+    monkeypatch.setattr(Trainer, "_step", original)
+    plan = EXPERIMENTS["hinton"].plan(EXPERIMENTS["hinton"].budgets["smoke"], 0, Env("cpu", str(tiny_root)))
+    teacher = plan["teacher"]
+    assert run_status(teacher, tmp_path / "a") == "partial"  # the checkpoint after its first epoch
+
+    result = _reproduce("hinton", tiny_root, tmp_path / "a", seeds=1)
+    assert result.counts["trained"] == len(result.specs) and result.counts["reused"] == 0
+    fresh = _reproduce("hinton", tiny_root, tmp_path / "b", seeds=1)
+    continued = load_checkpoint(teacher.run_dir(tmp_path / "a") / "checkpoint.pt")
+    uninterrupted = load_checkpoint(teacher.run_dir(tmp_path / "b") / "checkpoint.pt")
+    assert continued["complete"] and len(continued["history"]) == 2
+    for name, value in uninterrupted["student"].items():
+        assert torch.equal(continued["student"][name], value), name
+    assert result.values == fresh.values

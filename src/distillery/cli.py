@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="rerun a paper's experiments over several seeds, with statistics",
                        description="Train every setting of one paper's experiments for each seed (finished runs are "
-                                   "reused, unfinished ones continued), then write report.md (mean ± std, paired 95 %% "
+                                   "reused, unfinished ones continued), then write report.md (mean ± std, paired 95 % "
                                    "intervals against the baselines, the paper's claims) and PNG plots into --out. "
                                    "See docs/reproduce.md.")
     p.add_argument("experiment", metavar="EXPERIMENT", help="hinton (Hinton et al. 2015), fsp (Yim et al. 2017) or "

@@ -172,8 +172,8 @@ def run_status(spec: RunSpec, out: Path) -> str:
         return "todo"
     try:
         return "done" if load_checkpoint(path).get("complete") else "partial"
-    except Exception:  # unreadable: train_model moves it aside and starts again
-        return "todo"
+    except Exception:  # unreadable: training it stops with the checkpoint's error, the file is kept
+        return "partial"
 
 
 class Runner:

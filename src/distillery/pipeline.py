@@ -12,7 +12,7 @@ import copy
 import json
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,13 @@ def train_model(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    snapshot_epochs: Sequence[float] = (),
 ) -> TrainedModel:
-    """Train one network in ``<output_dir>/<name>/<role>`` through the given (method, params, train) stages."""
+    """Train one network in ``<output_dir>/<name>/<role>`` through the given (method, params, train) stages.
+
+    ``snapshot_epochs``: also keep the weights after these (possibly fractional) epochs of each stage
+    (see :class:`~distillery.train.Trainer`).
+    """
     train_data, test_data = data
     run_dir = Path(config.output_dir) / config.name / role
     key = fingerprint({
@@ -151,6 +156,7 @@ def train_model(
         "data": config.data.model_dump(mode="json"),
         "seed": config.seed,
         "teacher": teacher_key,
+        **({"snapshots": list(snapshot_epochs)} if snapshot_epochs else {}),
     })
     device = resolve_device(config.device)  # bad input fails before any folder is touched
     seed_everything(config.seed, config.deterministic)
@@ -162,7 +168,7 @@ def train_model(
         model, train_data, test_data, stages, teacher=teacher, teacher_cache=teacher_cache,
         teacher_cache_max_mb=teacher_cache_max_mb, run_dir=run_dir,
         device=device, seed=config.seed, amp=config.amp, eval_batch_size=config.data.eval_batch_size, label=role,
-        progress=progress, sync_batchnorm=config.sync_batchnorm,
+        progress=progress, sync_batchnorm=config.sync_batchnorm, snapshot_epochs=snapshot_epochs,
         meta={"model": model_config.model_dump(mode="json"), "fingerprint": key, "role": role,
               "dataset": config.data.dataset, "num_classes": train_data.num_classes},
     )

@@ -46,6 +46,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
+def snapshot_path(run_dir: str | Path, epoch: float, stage: int = 1) -> Path:
+    """Where :class:`Trainer` keeps the weights reached after ``epoch`` (may be fractional) of ``stage``."""
+    return Path(run_dir) / f"snapshot-stage{stage}-epoch{epoch:g}.pt"
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
@@ -219,6 +224,10 @@ class Trainer:
     (see :mod:`distillery.methods.stored`).
     ``dist`` defaults to the process group this process has joined (torchrun), if any;
     ``sync_batchnorm`` converts the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA only).
+    ``snapshot_epochs`` keeps, besides the checkpoint, the weights reached after each of these epochs
+    of every stage (fractions allowed: 0.05 is the step nearest 5 % of the first epoch, at least
+    one step) in :func:`snapshot_path` files, loadable like a checkpoint (early, poorly trained
+    teachers for Defective KD; learning-curve probes).
     """
 
     def __init__(
@@ -242,9 +251,15 @@ class Trainer:
         echo: Callable[[str], None] | None = None,
         dist: DistContext | None = None,
         sync_batchnorm: bool = False,
+        snapshot_epochs: Sequence[float] = (),
     ) -> None:
         if not stages:
             raise ValueError("a run needs at least one stage")
+        longest = max(stage.train.epochs for stage in stages)
+        if any(not 0 < e <= longest for e in snapshot_epochs):
+            raise ValueError(f"snapshot_epochs must lie in (0, {longest}] (the longest stage's epochs), "
+                             f"got {list(snapshot_epochs)}")
+        self.snapshot_epochs = tuple(snapshot_epochs)
         self.device = torch.device(device)
         # --- Distributed: who we are; only rank 0 prints, shows progress and writes files.
         self.dist = dist if dist is not None else distributed.current()
@@ -348,6 +363,7 @@ class Trainer:
                 sums = _EpochSums({k: torch.zeros_like(v) for k, v in sums.terms.items()},
                                   None if sums.correct is None else torch.zeros_like(sums.correct), 0, sums.seconds)
         check_every = 1 if self.device.type == "cpu" else 20
+        snapshots = {max(1, round(e * len(loader))): e for e in self.snapshot_epochs if e <= cfg.epochs}
         terms: dict[str, Tensor] = {}
         for epoch in range(start.epoch, cfg.epochs):
             first_step = start.step if epoch == start.epoch else 0
@@ -370,6 +386,8 @@ class Trainer:
                 save_now = bool(interval and (step + 1) % interval == 0 and step + 1 < len(loader))
                 stop = self._check_step(terms, Position(s, epoch, step), (step + 1) % check_every == 0 or save_now)
                 bar.update(1)
+                if epoch * len(loader) + step + 1 in snapshots and self.writes_files:
+                    self._save_snapshot(s, snapshots[epoch * len(loader) + step + 1])
                 if (step + 1) % 20 == 0 and self.progress:
                     elapsed = sums.seconds + time.perf_counter() - tick
                     total = sum(v for v in sums.terms.values()).item() / sums.examples
@@ -543,6 +561,13 @@ class Trainer:
             save_checkpoint(state, self.checkpoint_path)
         finally:
             self.dist.barrier()
+
+    def _save_snapshot(self, s: int, epoch: float) -> None:
+        """The student's weights now, as a checkpoint-like file that :func:`load_weights` reads."""
+        assert self.run_dir is not None
+        save_checkpoint({"kind": "distillery-snapshot", "meta": {**self.meta, "snapshot_epoch": epoch},
+                         "student": self.student.state_dict(), "stage": s + 1, "epoch": epoch},
+                        snapshot_path(self.run_dir, epoch, s + 1))
 
     def _restore(self, state: dict[str, Any]) -> Position:
         source = str(self.checkpoint_path)

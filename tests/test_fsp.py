@@ -42,6 +42,10 @@ def test_fsp_matrix_equals_the_explicit_double_sum() -> None:
     big = torch.randn(2, 3, 8, 10, generator=g)
     pooled = big.unfold(2, 2, 2).unfold(3, 2, 2).amax(dim=(-1, -2))
     torch.testing.assert_close(fsp_matrix(big, f2), fsp_matrix(pooled, f2))
+    # channels-last maps (how the trainer stores conv nets on CPU) take another path to the same G
+    last = [t.to(memory_format=torch.channels_last) for t in (f1, f2, big)]
+    torch.testing.assert_close(fsp_matrix(last[0], last[1]), expected)
+    torch.testing.assert_close(fsp_matrix(last[2], last[1]), fsp_matrix(pooled, f2))
 
 
 def test_channel_permutation_of_the_teacher_permutes_rows_and_columns_of_g() -> None:

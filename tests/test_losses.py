@@ -111,17 +111,6 @@ def test_label_smoothing_and_virtual_teacher() -> None:
     assert virtual[0, 0].item() == pytest.approx(0.1 / 4)
 
 
-def test_fsp_matrix_equals_explicit_double_sum() -> None:
-    f1, f2 = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
-    g = losses.fsp_matrix(f1, f2)
-    explicit = torch.zeros(2, 3, 5)
-    for n in range(2):
-        for i in range(3):
-            for j in range(5):
-                explicit[n, i, j] = sum(f1[n, i, s, t] * f2[n, j, s, t] for s in range(4) for t in range(4)) / 16
-    assert torch.allclose(g, explicit, atol=1e-5)
-
-
 def test_fsp_matrix_max_pools_the_larger_map() -> None:
     f1, f2 = torch.randn(1, 2, 8, 8), torch.randn(1, 3, 4, 4)
     assert torch.allclose(losses.fsp_matrix(f1, f2), losses.fsp_matrix(F.max_pool2d(f1, 2), f2))

@@ -171,7 +171,12 @@ def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
             f"FSP needs N×C×H×W feature maps, got shapes {tuple(first.shape)} and {tuple(second.shape)}"
         )
     first, second = pool_to_common_size(first, second)
-    n, _, h, w = first.shape
+    n, m, h, w = first.shape
+    channels_last = all(f.is_contiguous(memory_format=torch.channels_last) for f in (first, second))
+    if channels_last:  # N×hw×C is a free view of channels-last maps (flattening NCHW-wise would copy)
+        f1 = first.float().permute(0, 2, 3, 1).reshape(n, h * w, m)
+        f2 = second.float().permute(0, 2, 3, 1).reshape(n, h * w, second.shape[1])
+        return torch.bmm(f1.transpose(1, 2), f2) / (h * w)
     f1 = first.float().flatten(2)  # N×m×hw
     f2 = second.float().flatten(2)  # N×n×hw
     return torch.bmm(f1, f2.transpose(1, 2)) / (h * w)

@@ -99,3 +99,13 @@ def test_fingerprint_tracks_settings() -> None:
     b = load_config(None, ["seed=1"])
     assert fingerprint(a) == fingerprint(load_config())
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_an_option_added_later_stays_out_of_run_keys_while_off() -> None:
+    """Runs made before grad_clip_norm existed keep their fingerprint; turning it on changes the key."""
+    from distillery.config import TrainConfig
+
+    assert "grad_clip_norm" not in TrainConfig().key_fields()
+    assert TrainConfig(grad_clip_norm=1.0).key_fields()["grad_clip_norm"] == 1.0
+    assert TrainConfig().key_fields() == {k: v for k, v in TrainConfig().model_dump(mode="json").items()
+                                          if k != "grad_clip_norm"}

@@ -107,6 +107,32 @@ def test_nan_loss_stops_with_term_and_step_keeping_last_checkpoint(small_dataset
     assert all(torch.isfinite(v).all() for v in state["student"].values())
 
 
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_grad_clip_norm_bounds_every_update(small_dataset: ImageDataset, clip: float | None) -> None:
+    """Plain SGD at lr 1: an update is lr · gradient, so with clipping its norm is at most the clip norm."""
+    cfg = TrainConfig(epochs=1, batch_size=32, grad_clip_norm=clip,
+                      optimizer=OptimizerConfig(lr=1.0, momentum=0.0, weight_decay=0.0))
+    trainer = Trainer(mlp(dropout=0.0), small_dataset, small_dataset, [Stage(create_method("ce"), cfg)], seed=1,
+                      progress=False, echo=lambda line: None)
+    original, steps = trainer._step, []
+
+    def flat() -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in trainer.student.parameters()])
+
+    def watched(*args, **kwargs):
+        before = flat()
+        out = original(*args, **kwargs)
+        steps.append((flat() - before).norm().item())
+        return out
+
+    trainer._step = watched
+    trainer.fit()
+    if clip is None:
+        assert steps[0] > 0.1  # unclipped, the first update is far larger
+    else:
+        assert max(steps) <= clip * (1 + 1e-4) and steps[0] == pytest.approx(clip, rel=1e-3)
+
+
 def test_teacher_stays_frozen_in_eval_and_out_of_optimiser(small_dataset: ImageDataset) -> None:
     teacher_net = mlp(seed=5, dropout=0.5)
     before = {k: v.clone() for k, v in teacher_net.state_dict().items()}

@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -64,6 +64,20 @@ class TrainConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = off)")
+    grad_clip_norm: float | None = Field(
+        None, gt=0, description="rescale the gradients of each step so that their global L2 norm is at most this "
+                                "(None: off); tames the first steps of high-temperature distillation")
+
+    # Options added after runs existed: left out of a run's key while off, so those runs still match.
+    _KEY_OPTIONAL: ClassVar[tuple[str, ...]] = ("grad_clip_norm",)
+
+    def key_fields(self) -> dict[str, Any]:
+        """These settings as they enter a run's fingerprint (see ``_KEY_OPTIONAL``)."""
+        data = self.model_dump(mode="json")
+        for name in self._KEY_OPTIONAL:
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class MethodConfig(Section):

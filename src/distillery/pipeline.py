@@ -152,7 +152,7 @@ def train_model(
     run_dir = Path(config.output_dir) / config.name / role
     key = fingerprint({
         "model": model_config.model_dump(mode="json"),
-        "stages": [[name, params, train.model_dump(mode="json")] for name, params, train in stages_spec],
+        "stages": [[name, params, train.key_fields()] for name, params, train in stages_spec],
         "data": config.data.model_dump(mode="json"),
         "seed": config.seed,
         "teacher": teacher_key,

@@ -95,7 +95,7 @@ class RunSpec:
     def key(self) -> str:
         return fingerprint({
             "model": ModelConfig.model_validate(self.model).model_dump(mode="json"),
-            "stages": [[s.method, s.params, s.train_config().model_dump(mode="json")] for s in self.stages],
+            "stages": [[s.method, s.params, s.train_config().key_fields()] for s in self.stages],
             "data": self.data.as_dict(), "seed": self.seed, "teachers": [t.key for t in self.teachers],
             "snapshots": list(self.snapshots),
         })

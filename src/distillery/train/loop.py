@@ -350,6 +350,7 @@ class Trainer:
             )
         self._optimizer = build_optimizer(chain(self.student.parameters(), method.parameters()), cfg.optimizer)
         self._scheduler = build_scheduler(self._optimizer, cfg.schedule, len(loader), cfg.epochs)
+        self._grad_clip_norm = cfg.grad_clip_norm
         self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         sums = _EpochSums()
         if state is not None:
@@ -450,6 +451,10 @@ class Trainer:
         loss = sum(terms.values())
         self._optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward()
+        if self._grad_clip_norm is not None:
+            self._scaler.unscale_(self._optimizer)  # clip the true gradients, not the loss-scaled ones
+            params = [p for group in self._optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self._grad_clip_norm)
         self._scaler.step(self._optimizer)
         self._scaler.update()
         self._scheduler.step()

@@ -120,7 +120,7 @@ def test_stored_and_recomputed_teacher_matrices_give_the_same_loss(tmp_path) -> 
     student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
     stored = _prepared(student, teacher, data, store_teacher=True, store_dir=str(tmp_path), shuffle_seed=3)
     live = _prepared(student, teacher, data, store_teacher=False, shuffle_seed=3)
-    assert stored.uses_stored_matrices and not live.uses_stored_matrices
+    assert stored.uses_stored_targets and not live.uses_stored_targets
     # one teacher-cache entry per teacher pair, under the key of (teacher weights, data, preprocessing, device)
     assert set(_entries(tmp_path, teacher, data)) == {"fsp_stem__stage1.bin", "fsp_stage1__stage2.bin",
                                                       "fsp_stage2__stage3.bin"}
@@ -191,7 +191,7 @@ def test_a_damaged_stored_entry_is_rebuilt_alone(tmp_path, damage) -> None:
     data = tiny_dataset(40)
     student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
     reference = _prepared(student, teacher, data, tmp_path)  # auto, with a cache folder: stored
-    assert reference.uses_stored_matrices
+    assert reference.uses_stored_targets
     expected = [g.clone() for g in reference._stored]
     before = _entries(tmp_path, teacher, data)
     folder = tmp_path / cache_key(teacher, data)
@@ -215,7 +215,7 @@ def test_a_damaged_stored_entry_is_rebuilt_alone(tmp_path, damage) -> None:
     assert after["fsp_stage2__stage3.bin"] == before["fsp_stage2__stage3.bin"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the rebuilt entry is good
-        assert _prepared(student, counting(teacher), data, tmp_path).uses_stored_matrices
+        assert _prepared(student, counting(teacher), data, tmp_path).uses_stored_targets
 
 
 def test_another_teacher_data_or_pair_gets_its_own_entries(tmp_path) -> None:
@@ -250,7 +250,7 @@ def test_when_auto_stores_and_where_true_stores(tmp_path) -> None:
         method = create_method("fsp", **params)
         method.setup(student, teacher, _example())
         method.prepare(teacher, loader or _loader(data), cache_dir, **kwargs)
-        return method.uses_stored_matrices
+        return method.uses_stored_targets
 
     assert prepare(cache_dir=tmp_path / "c1")  # auto, cache on
     assert not prepare()  # auto, teacher cache off (no folder): runs the teacher

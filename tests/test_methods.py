@@ -214,7 +214,7 @@ def test_fitnets_hints_are_stored_in_the_teacher_cache_within_the_budget(tmp_pat
                           teacher=counted, teacher_cache=cache_dir, teacher_cache_max_mb=max_mb, progress=False,
                           echo=lambda line: None)
         losses = [r["train_loss"] for r in trainer.fit()]
-        return counted.calls, losses, trainer.stages[0].method.uses_stored_hints
+        return counted.calls, losses, trainer.stages[0].method.uses_stored_targets
 
     live_calls, live_losses, stored = fit(None)  # teacher cache off: the teacher runs every step
     assert (live_calls, stored) == (1 + 2 * 3, False)

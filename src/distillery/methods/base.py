@@ -111,9 +111,15 @@ class Method(nn.Module):
         call this instead of running the teacher themselves, so a method with stored targets costs
         no teacher forward pass. ``index`` (``Batch.index``) lets a cached teacher serve stored outputs.
         """
-        if teacher is None or not self.needs_teacher:
+        if teacher is None or not self.needs_teacher or self.uses_stored_targets:
             return None
         return teacher(inputs, self.teacher_layers, index=index)
+
+    @property
+    def uses_stored_targets(self) -> bool:
+        """Whether :meth:`prepare` stored the teacher targets this method reads (FSP matrices, FitNets
+        hints): then :meth:`teacher_outputs` runs no teacher forward pass."""
+        return False
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -100,15 +100,9 @@ class FitNets(Method):
         self._stored = None if stored is None else stored[name]
 
     @property
-    def uses_stored_hints(self) -> bool:
+    def uses_stored_targets(self) -> bool:
         """Whether :meth:`prepare` loaded stored teacher hints (no teacher forward pass per step)."""
         return self._stored is not None
-
-    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor,
-                        index: Tensor | None = None) -> ModelOutputs | None:
-        if self._stored is not None:
-            return None  # the stored hints replace the teacher's forward pass
-        return super().teacher_outputs(teacher, inputs, index)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

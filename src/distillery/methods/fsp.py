@@ -161,15 +161,9 @@ class FSP(Method):
         return [entry_name("fsp", a, b) for a, b in self.params.teacher_pairs_or_same]
 
     @property
-    def uses_stored_matrices(self) -> bool:
+    def uses_stored_targets(self) -> bool:
         """Whether :meth:`prepare` loaded stored teacher matrices (no teacher forward pass per step)."""
         return self._stored is not None
-
-    def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor,
-                        index: Tensor | None = None) -> ModelOutputs | None:
-        if self._stored is not None:
-            return None  # the stored matrices replace the teacher's forward pass
-        return super().teacher_outputs(teacher, inputs, index)
 
     # ------------------------------------------------------------------ the loss
 

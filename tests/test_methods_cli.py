@@ -173,3 +173,11 @@ def test_tfkd_self_with_an_explicit_copy_of_the_student_as_teacher(setup) -> Non
     assert _distill(setup, "self_given", "--method", "tfkd_self", "--teacher", str(setup["teacher"])) == 0
     runs = setup["root"] / "runs" / "self_given"
     assert {p.name for p in runs.iterdir()} == {"student_distilled"}  # no student trained alone first
+
+
+def test_tfkd_self_teacher_is_built_as_the_student_not_the_configured_teacher(setup) -> None:
+    # the config names a ResNet-14 teacher; the given checkpoint is a ResNet-8, the student's architecture
+    code = _distill(setup, "self_other", "--method", "tfkd_self", "--teacher", str(setup["teacher"]),
+                    "--set", "teacher.model={name: resnet14}")
+    assert code == 0
+    assert _history(setup, "self_other")

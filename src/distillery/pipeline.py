@@ -184,7 +184,9 @@ def get_teacher(config: RunConfig, data: tuple[ImageDataset, ImageDataset], *, r
     Returns the trained teacher and a key identifying it (for the students' fingerprints).
     """
     if config.teacher.checkpoint:
-        model, spec = load_trained_model(config.teacher.checkpoint, config.teacher.model, data[0])
+        # Tf-KD_self's teacher is a trained copy of the student: its weights fit the student's network.
+        spec = config.student.model if teaches_itself(config) else config.teacher.model
+        model, spec = load_trained_model(config.teacher.checkpoint, spec, data[0])
         model.to(resolve_device(config.device)).eval()
         key = fingerprint({"checkpoint": str(Path(config.teacher.checkpoint).resolve()),
                            "mtime": Path(config.teacher.checkpoint).stat().st_mtime})

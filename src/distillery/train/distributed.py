@@ -107,17 +107,9 @@ class DistContext:
         """
         if not self.enabled:
             return fn()
-        box: list[Any] = [None]
-        result: Any = None
-        if self.is_main:
-            try:
-                result = fn()
-            except Exception as err:  # handed to the other ranks, then raised here too
-                box[0] = err
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise box[0]
-        return result if self.is_main else fn()
+        kept: dict[str, T] = {}
+        self.on_main(lambda: kept.update(result=fn()))  # rank 0's result stays local; its error reaches all
+        return kept["result"] if self.is_main else fn()
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and give its result to every rank.

@@ -42,10 +42,10 @@ def test_logit_matching_formula_and_gradient() -> None:
     y = _targets()
     method = create_method("logits", logit_weight=0.7, ce_weight=0.2)
     terms = method(ModelOutputs(z_s), ModelOutputs(z_t), y)
-    expected = 0.7 * 0.5 * ((z_s - z_t) ** 2).sum(1).mean() + 0.2 * F.cross_entropy(z_s, y)
+    expected = 0.7 * 0.5 * ((z_s - z_t) ** 2).sum(1).mean() / K + 0.2 * F.cross_entropy(z_s, y)
     torch.testing.assert_close(_total(terms), expected)
     (grad,) = torch.autograd.grad(terms["logits"], z_s)
-    torch.testing.assert_close(grad, 0.7 * (z_s - z_t).detach() / N)  # ½·Σ(z_s − z_t)² → (z_s − z_t)
+    torch.testing.assert_close(grad, 0.7 * (z_s - z_t).detach() / (N * K))  # per example (z_s − z_t)/K
     assert set(create_method("logits")(ModelOutputs(z_s), ModelOutputs(z_t), y)) == {"logits"}  # ce_weight 0
 
 

@@ -11,15 +11,17 @@ from distillery.methods.base import Method, MethodParams, ModelOutputs
 
 
 class LogitParams(MethodParams):
-    logit_weight: float = Field(1.0, ge=0, description="weight of the squared logit difference ½·Σ_i (z_s,i − z_t,i)²")
+    logit_weight: float = Field(1.0, ge=0, description="weight of the squared logit difference "
+                                                       "½·mean_i (z_s,i − z_t,i)² (on the scale of hinton's kd_weight)")
     ce_weight: float = Field(0.0, ge=0, description="weight of the hard-label cross-entropy (0: the papers use "
                                                     "the teacher's logits only)")
 
 
 class LogitMatching(Method):
-    """L = logit_weight · ½·Σ_i (z_s,i − z_t,i)² + ce_weight · CE(y, softmax(z_s)), averaged over examples.
+    """L = logit_weight · ½·(1/K)·Σ_i (z_s,i − z_t,i)² + ce_weight · CE(y, softmax(z_s)), averaged over examples.
 
-    The high-temperature limit of Hinton's soft targets with zero-mean logits (up to a factor 1/K).
+    The high-temperature limit of Hinton's T²-scaled soft term with zero-mean logits: the same
+    gradient (z_s − z_t)/K, so ``logit_weight`` means what ``kd_weight`` means there.
     """
 
     name = "logits"

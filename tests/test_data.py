@@ -105,6 +105,18 @@ def test_loader_normalises(small_dataset: ImageDataset) -> None:
     assert torch.allclose(batch.inputs, expected)
 
 
+def test_loader_keep_normalised_serves_the_same_batches(small_dataset: ImageDataset) -> None:
+    plain = BatchLoader(small_dataset, 7)
+    kept = BatchLoader(small_dataset, 7, keep_normalised=True)
+    for a, b in zip(plain.epoch(0), kept.epoch(0), strict=True):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    shuffled = [BatchLoader(small_dataset, 7, shuffle=True, seed=3, keep_normalised=k) for k in (False, True)]
+    for a, b in zip(shuffled[0].epoch(2), shuffled[1].epoch(2), strict=True):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.index, b.index)
+    with pytest.raises(ValueError, match="cannot be combined with augmentation"):
+        BatchLoader(small_dataset, 7, shuffle=True, augment=Augment(hflip=True), keep_normalised=True)
+
+
 def test_augment_batch_crops_and_flips() -> None:
     images = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
     g = torch.Generator().manual_seed(0)

@@ -238,7 +238,7 @@ def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int], li
         return run_reference, BATCH
     if row == "eval evaluate()":
         prefer_channels_last(student, "cpu")  # as the Trainer leaves it; the bare loop gets the same model
-        loader = BatchLoader(test, EVAL_BATCH)
+        loader = BatchLoader(test, EVAL_BATCH, keep_normalised=True)  # as the Trainer's test loader
 
         def run_evaluate(r: int) -> list[tuple[float, float]]:
             stamps: list[tuple[float, float]] = []

@@ -49,7 +49,8 @@ class BatchLoader:
     """Batches of an :class:`ImageDataset`, normalised and augmented on ``device``.
 
     Iterate with :meth:`epoch` (``for batch in loader.epoch(3)``); ``len(loader)`` is the number of
-    batches per epoch on this rank.
+    batches per epoch on this rank. ``keep_normalised=True`` normalises the whole set once (4 bytes
+    per pixel held) for sets read many times without augmentation, such as a test set.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        keep_normalised: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -86,6 +88,12 @@ class BatchLoader:
         std = torch.tensor(dataset.std, dtype=torch.float64).view(shape)
         self._scale = (1 / (255 * std)).float().to(self.device)
         self._shift = (mean / std).float().to(self.device)
+        if keep_normalised and augment.active and shuffle:
+            raise ValueError("keep_normalised serves fixed normalised images; it cannot be combined with augmentation")
+        # For a set read many times unchanged (a test set evaluated every epoch): normalise it once,
+        # 4 bytes per pixel, and serve batches as views of that copy instead of converting each time.
+        self._normalised = (self.images.float().mul_(self._scale).sub_(self._shift)
+                            if keep_normalised else None)
         # Each rank gets the same number of examples (the tail that would unbalance ranks is dropped
         # only when drop_last; otherwise ranks wrap around to pad, as DistributedSampler does).
         self._per_rank = len(dataset) // world_size if drop_last else -(-len(dataset) // world_size)
@@ -125,8 +133,10 @@ class BatchLoader:
         return self.epoch(0)
 
     def _make_batch(self, index: Tensor, epoch: int, step: int, rows: slice | None = None) -> Batch:
-        images = (self.images[rows] if rows is not None else self.images[index]).float()  # pixel values 0..255
         labels = self.labels[rows] if rows is not None else self.labels[index]
+        if self._normalised is not None:  # a view when in order; the model must not write into its input
+            return Batch(self._normalised[rows] if rows is not None else self._normalised[index], labels, index)
+        images = (self.images[rows] if rows is not None else self.images[index]).float()  # pixel values 0..255
         if self.augment.active and self.shuffle:  # crop and flip only move pixels (padding is black: 0)
             images = augment_batch(images, self.augment, _generator(self.seed, epoch, step, self.rank + 1))
         return Batch(images.mul_(self._scale).sub_(self._shift), labels, index)

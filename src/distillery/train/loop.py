@@ -126,7 +126,7 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int
     """
     if isinstance(data, ImageDataset):
         device = device or next(model.parameters()).device
-        data = BatchLoader(data, batch_size, device=device)
+        data = BatchLoader(data, batch_size, device=device, keep_normalised=True)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=data.device, dtype=torch.float64)  # loss, correct, examples
@@ -193,7 +193,7 @@ def evaluate_ensemble(models: Sequence[nn.Module], data: ImageDataset | BatchLoa
         raise ValueError("an ensemble needs at least one model")
     if isinstance(data, ImageDataset):
         device = device or next(models[0].parameters()).device
-        data = BatchLoader(data, batch_size, device=device)
+        data = BatchLoader(data, batch_size, device=device, keep_normalised=True)
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -283,7 +283,8 @@ class Trainer:
         self.echo = echo or (lambda line: tqdm.write(line, file=sys.stderr))
         if not self.dist.is_main:
             self.echo = lambda line: None
-        self.test_loader = BatchLoader(shard(test_data, self.dist), eval_batch_size, device=self.device)
+        self.test_loader = BatchLoader(shard(test_data, self.dist), eval_batch_size, device=self.device,
+                                       keep_normalised=True)
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         example = next(self.test_loader.epoch(0)).inputs[:8]

@@ -48,6 +48,21 @@ def test_fsp_matrix_equals_the_explicit_double_sum() -> None:
     torch.testing.assert_close(fsp_matrix(last[2], last[1]), fsp_matrix(pooled, f2))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fsp_matrix_gradient_is_exact_and_keeps_the_maps_memory_layout(layout: torch.memory_format) -> None:
+    g = torch.Generator().manual_seed(2)
+    f1 = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    f2 = torch.randn(2, 5, 2, 2, generator=g, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    assert torch.autograd.gradcheck(fsp_matrix, (f1, f2))  # f1 is max-pooled 4×4 → 2×2 on the way
+    # ∂/∂F1 of Σ_ij W_ij·G_ij is Σ_j W_ij·F2[j] / (h·w), spread back through the pooling
+    w = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    (fsp_matrix(f1, f2) * w).sum().backward()
+    torch.testing.assert_close(f2.grad, torch.einsum("nij,nihw->njhw", w, torch.nn.functional.max_pool2d(f1, 2)) / 4)
+    # gradients come back in the maps' own layout, so the layers before need no copy to theirs
+    for f in (f1, f2):
+        assert f.grad.is_contiguous(memory_format=layout)
+
+
 def test_channel_permutation_of_the_teacher_permutes_rows_and_columns_of_g() -> None:
     g = torch.Generator().manual_seed(1)
     f1, f2 = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 5, 3, 3, generator=g)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from distillery.reproduce.stats import mean_std, paired_difference
 
 BUDGET = Path(__file__).with_name("budget.yaml")
 METHODS = ["hinton", "logits", "ensemble", "label_smoothing", "fitnets", "fsp", "tfkd_self", "tfkd_reg"]
@@ -55,19 +56,25 @@ def main() -> None:
     out = Path(args.out)
     started = time.time()
     teachers: dict[int, Path] = {}
+    second_teachers: dict[int, Path] = {}  # the ensemble's other member: same budget, seed + 1000
     for seed in args.seeds:
         common = ["--config", str(BUDGET), "--set", f"seed={seed}", "--set", f"output_dir={out}/s{seed}"]
         cli("train", "--role", "teacher", *common, threads=args.threads)
         cli("train", "--role", "student", *common, threads=args.threads)
+        cli("train", "--role", "teacher", "--config", str(BUDGET), "--set", f"seed={seed + 1000}",
+            "--set", f"output_dir={out}/s{seed}-second-teacher", threads=args.threads)
         teachers[seed] = out / f"s{seed}/methods/teacher/checkpoint.pt"
+        second_teachers[seed] = out / f"s{seed}-second-teacher/methods/teacher/checkpoint.pt"
     results: dict[str, list[float]] = {}
     for seed in args.seeds:
         base = out / f"s{seed}/methods"
         results.setdefault("teacher (cnn)", []).append(final_accuracy(base / "teacher"))
+        results.setdefault("second teacher (ensemble member)", []).append(
+            final_accuracy(second_teachers[seed].parent))
         results.setdefault("student alone (resnet8)", []).append(final_accuracy(base / "student_alone"))
         for method in METHODS:
-            if method == "ensemble":  # the teachers of all seeds, this seed's first
-                teacher = [str(teachers[seed])] + [str(t) for s, t in teachers.items() if s != seed]
+            if method == "ensemble":  # this seed's teacher and a second one trained alike
+                teacher = [str(teachers[seed]), str(second_teachers[seed])]
             elif method == "tfkd_self":  # the student's own architecture, trained alone with this seed
                 teacher = [str(base / "student_alone/checkpoint.pt")]
             else:
@@ -81,23 +88,30 @@ def main() -> None:
 
 def write_table(results: dict[str, list[float]], seeds: list[int], seconds: float) -> None:
     alone = results["student alone (resnet8)"]
-    rows = ["| run | test accuracy % (mean) | per seed | minus alone, per seed | minus alone (mean) |",
+    rows = ["| run | test accuracy % (mean ± std) | per seed | minus alone, per seed | minus alone [95 % CI] |",
             "|---|---|---|---|---|"]
     for name, accs in results.items():
-        row = f"| {name} | {100 * statistics.mean(accs):.2f} | {' / '.join(f'{100 * a:.2f}' for a in accs)} |"
+        mean, std = mean_std([100 * a for a in accs])
+        row = f"| {name} | {mean:.2f} ± {std:.2f} | {' / '.join(f'{100 * a:.2f}' for a in accs)} |"
         if name.startswith("student alone"):
             row += " | |"
         else:
-            diffs = [100 * (a - b) for a, b in zip(accs, alone)]
-            row += f" {' / '.join(f'{d:+.2f}' for d in diffs)} | {statistics.mean(diffs):+.2f} |"
+            diff = paired_difference([100 * a for a in accs], [100 * b for b in alone])
+            interval = f" [{diff.low:+.2f}, {diff.high:+.2f}]" if diff.has_interval else ""
+            row += (f" {' / '.join(f'{100 * (a - b):+.2f}' for a, b in zip(accs, alone))} |"
+                    f" {diff.mean:+.2f}{interval} |")
         rows.append(row)
     text = (f"# Every method on one small budget\n\nBudget [`budget.yaml`](budget.yaml): CNN teacher (width 16, "
             "30 epochs) and ResNet-8 student (20 epochs; FitNets and FSP first run 5 epochs of their stage 1), "
             "both on the same 4,000 Fashion-MNIST training images "
             "with crop and flip, tested on 5,000 test images; every method with its default parameters "
-            f"(`distillery methods` lists them); seeds {', '.join(map(str, seeds))}. Made by "
+            "(`distillery methods` lists them); `ensemble` averages the seed's teacher and a second one trained "
+            "alike (seed + 1000), `tfkd_self` learns from the seed's student alone; seeds "
+            f"{', '.join(map(str, seeds))}. Made by "
             f"`python docs/results/methods/run.py --seeds {' '.join(map(str, seeds))}` "
-            f"({seconds / 60:.0f} min for this invocation; finished runs are reused).\n\n" + "\n".join(rows) + "\n")
+            f"({seconds / 60:.0f} min for this invocation; finished runs are reused). The interval is a Student-t "
+            "interval of the per-seed differences (paired: same seed, same initial weights and batch order).\n\n"
+            + "\n".join(rows) + "\n")
     Path(__file__).with_name("README.md").write_text(text)
     print(text)
 

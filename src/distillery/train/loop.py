@@ -129,13 +129,17 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int
         data = BatchLoader(data, batch_size, device=device, keep_normalised=True)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, device=data.device, dtype=torch.float64)  # loss, correct, examples
+    loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)  # kept on the device: no sync per batch
+    hits = torch.zeros((), device=data.device, dtype=torch.long)
+    count = 0
     for batch in data.epoch(0):
         logits = model(batch.inputs).float()
-        sums[0] += F.cross_entropy(logits, batch.targets, reduction="sum")
-        sums[1] += (logits.argmax(-1) == batch.targets).sum()
-        sums[2] += len(batch.targets)
+        loss_sum += F.cross_entropy(logits, batch.targets, reduction="sum")
+        hits += (logits.argmax(-1) == batch.targets).sum()
+        count += len(batch.targets)
     model.train(was_training)
+    sums = torch.stack([loss_sum, hits.double(), torch.tensor(float(count), dtype=torch.float64,
+                                                                  device=data.device)])
     if dist is not None:
         dist.all_reduce_sum(sums)
     loss, correct, n = sums.tolist()

@@ -50,7 +50,8 @@ class BatchLoader:
 
     Iterate with :meth:`epoch` (``for batch in loader.epoch(3)``); ``len(loader)`` is the number of
     batches per epoch on this rank. ``keep_normalised=True`` normalises the whole set once (4 bytes
-    per pixel held) for sets read many times without augmentation, such as a test set.
+    per pixel held) for sets read many times without augmentation, such as a test set; its
+    batches are views of that copy, so a model must not write into its input in place.
     """
 
     def __init__(

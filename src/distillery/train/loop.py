@@ -126,7 +126,7 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, batch_size: int
     """
     if isinstance(data, ImageDataset):
         device = device or next(model.parameters()).device
-        data = BatchLoader(data, batch_size, device=device, keep_normalised=True)
+        data = BatchLoader(data, batch_size, device=device)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=data.device, dtype=torch.float64)  # kept on the device: no sync per batch
@@ -197,7 +197,7 @@ def evaluate_ensemble(models: Sequence[nn.Module], data: ImageDataset | BatchLoa
         raise ValueError("an ensemble needs at least one model")
     if isinstance(data, ImageDataset):
         device = device or next(models[0].parameters()).device
-        data = BatchLoader(data, batch_size, device=device, keep_normalised=True)
+        data = BatchLoader(data, batch_size, device=device)
     modes = [m.training for m in models]
     for m in models:
         m.eval()

@@ -63,6 +63,19 @@ def test_fsp_matrix_gradient_is_exact_and_keeps_the_maps_memory_layout(layout: t
         assert f.grad.is_contiguous(memory_format=layout)
 
 
+def test_fsp_matrix_stays_float32_under_autocast() -> None:
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.randn(2, 4, 6, 6, generator=g).requires_grad_(), torch.randn(2, 8, 3, 3, generator=g)]
+    expected = fsp_matrix(*maps)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), maps[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision would otherwise round G's sums
+        got = fsp_matrix(*maps)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), maps[0])
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
 def test_channel_permutation_of_the_teacher_permutes_rows_and_columns_of_g() -> None:
     g = torch.Generator().manual_seed(1)
     f1, f2 = torch.randn(3, 4, 6, 6, generator=g), torch.randn(3, 5, 3, 3, generator=g)

@@ -199,13 +199,14 @@ class _SpatialProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
         ctx.save_for_backward(a, b)
-        return torch.bmm(a.transpose(1, 2), b).div_(a.shape[1])
+        with torch.autocast(a.device.type, enabled=False):  # G in a's precision (float32 or wider), also under AMP
+            return torch.bmm(a.transpose(1, 2), b).div_(a.shape[1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         a, b = ctx.saved_tensors
-        grad = grad / a.shape[1]
+        grad = grad.to(a.dtype) / a.shape[1]
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:  # ∂L/∂a = b·gradᵀ, N×S×m
             grad_a = (torch.bmm(b, grad.transpose(1, 2)) if a.stride(2) == 1

@@ -22,6 +22,15 @@ class UnknownLayerError(ValueError):
 
 def check_layer_names(model: nn.Module, names: Iterable[str], role: str = "model") -> None:
     """Raise :class:`UnknownLayerError` for any name that is not in ``model.named_modules()``."""
+    find_layers(model, names, role)
+
+
+def find_layers(model: nn.Module, names: Iterable[str], role: str = "model") -> list[nn.Module]:
+    """The submodules with these dotted names, in order; :class:`UnknownLayerError` (with the
+    closest valid names) for a name that is not in ``model.named_modules()``."""
+    names = list(names)
+    if not names:
+        return []  # no walk over the modules: the trainer taps no layer on most steps
     modules = dict(model.named_modules())
     for name in names:
         if name not in modules or name == "":
@@ -31,6 +40,7 @@ def check_layer_names(model: nn.Module, names: Iterable[str], role: str = "model
                 f"{role} ({type(model).__name__}) has no layer named {name!r}.{suggestion} "
                 f"List them with: [n for n, _ in model.named_modules()]"
             )
+    return [modules[name] for name in names]
 
 
 class FeatureTaps:
@@ -39,15 +49,14 @@ class FeatureTaps:
     def __init__(self, model: nn.Module, names: Iterable[str], role: str = "model") -> None:
         self.model = model
         self.names = tuple(dict.fromkeys(names))
-        check_layer_names(model, self.names, role)
+        self._layers = find_layers(model, self.names, role)
         self.features: dict[str, Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> FeatureTaps:
-        modules = dict(self.model.named_modules())
         self.features = {}
-        for name in self.names:
-            self._handles.append(modules[name].register_forward_hook(self._recorder(name)))
+        for name, layer in zip(self.names, self._layers):
+            self._handles.append(layer.register_forward_hook(self._recorder(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -94,10 +94,11 @@ def test_nan_loss_stops_with_term_and_step_keeping_last_checkpoint(small_dataset
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        terms, logits = original(*args, **kwargs)
+        terms, loss, logits = original(*args, **kwargs)
         if calls["n"] == 10:
             terms = {"ce": torch.tensor(float("nan"))}
-        return terms, logits
+            loss = terms["ce"]
+        return terms, loss, logits
 
     trainer._step = poisoned
     with pytest.raises(NonFiniteLossError, match=r"'ce' is nan at stage 1, epoch 2, step 2"):
@@ -105,6 +106,24 @@ def test_nan_loss_stops_with_term_and_step_keeping_last_checkpoint(small_dataset
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["position"]["epoch"] == 1 and not state["complete"]
     assert all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def test_loss_checked_through_the_sum_of_terms(small_dataset: ImageDataset, tmp_path: Path) -> None:
+    """One check of the summed loss stands for all terms: finite terms whose sum overflows are
+    caught and named as the total, and a non-finite term is named even when others are finite."""
+    for poison, expected in (({"a": 3e38, "b": 3e38}, r"'total \(the sum of the terms\)' is inf"),
+                             ({"a": 1.0, "b": float("-inf")}, r"'b' is -inf")):
+        trainer = make_trainer(small_dataset, tmp_path / str(len(expected)), epochs=1)
+        original = trainer._step
+
+        def poisoned(*args, poison=poison, original=original, **kwargs):
+            terms, loss, logits = original(*args, **kwargs)
+            terms = {k: torch.tensor(v, dtype=torch.float32) for k, v in poison.items()}
+            return terms, terms["a"] + terms["b"], logits
+
+        trainer._step = poisoned
+        with pytest.raises(NonFiniteLossError, match=expected):
+            trainer.fit()
 
 
 @pytest.mark.parametrize("clip", [None, 0.01])

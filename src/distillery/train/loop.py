@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -382,15 +383,19 @@ class Trainer:
                             f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", file=sys.stderr)
             tick = time.perf_counter()
             for step, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
-                terms, logits = self._step(method, batch, teacher)
-                for name, value in terms.items():
-                    sums.terms[name] = sums.terms.get(name, 0) + value.detach() * len(batch.targets)
+                terms, loss, logits = self._step(method, batch, teacher)
+                for name, value in terms.items():  # one in-place op per term and step (no sync)
+                    if name in sums.terms:
+                        sums.terms[name].add_(value.detach(), alpha=len(batch.targets))
+                    else:
+                        sums.terms[name] = value.detach() * len(batch.targets)
                 hits = (logits.detach().argmax(-1) == batch.targets).sum()
                 sums.correct = hits if sums.correct is None else sums.correct + hits
                 sums.examples += len(batch.targets)
                 interval = cfg.checkpoint_every_steps
                 save_now = bool(interval and (step + 1) % interval == 0 and step + 1 < len(loader))
-                stop = self._check_step(terms, Position(s, epoch, step), (step + 1) % check_every == 0 or save_now)
+                stop = self._check_step(terms, loss, Position(s, epoch, step),
+                                        (step + 1) % check_every == 0 or save_now)
                 bar.update(1)
                 if epoch * len(loader) + step + 1 in snapshots and self.writes_files:
                     self._save_snapshot(s, snapshots[epoch * len(loader) + step + 1])
@@ -449,11 +454,12 @@ class Trainer:
         return self.dist.main_first(lambda: CachedTeacher.build(teacher, self.train_data, folder, self.device))
 
     def _step(self, method: Method, batch: Batch, teacher: Teacher | CachedTeacher | None,
-              ) -> tuple[dict[str, Tensor], Tensor]:
+              ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One optimisation step; returns the loss terms, their sum and the student's logits."""
         teacher_out = method.teacher_outputs(teacher, batch.inputs, batch.index)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             terms, logits = self._net(batch.inputs, teacher_out, batch.targets, batch.index)
-        loss = sum(terms.values())
+        loss = reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op in the graph
         self._optimizer.zero_grad(set_to_none=True)
         self._scaler.scale(loss).backward()
         if self._grad_clip_norm is not None:
@@ -463,7 +469,7 @@ class Trainer:
         self._scaler.step(self._optimizer)
         self._scaler.update()
         self._scheduler.step()
-        return terms, logits
+        return terms, loss, logits
 
     def _rank_batch_size(self, batch_size: int, s: int) -> int:
         world = self.dist.world_size
@@ -475,7 +481,7 @@ class Trainer:
                              f"of {batch_size} over {world} processes; use a smaller batch_size")
         return batch_size // world
 
-    def _check_step(self, terms: dict[str, Tensor], at: Position, check: bool) -> bool:
+    def _check_step(self, terms: dict[str, Tensor], loss: Tensor, at: Position, check: bool) -> bool:
         """NaN/inf check and stop-signal check of one step; True if the run must checkpoint and stop.
 
         In one process the signal flag is read every step and the loss (a device sync) at ``check``
@@ -484,14 +490,22 @@ class Trainer:
         """
         if not self.dist.enabled:
             if check:
-                self._check_finite(terms, at)
+                self._check_finite(terms, at, loss)
             return self._stop_signal is not None
-        return check and self._check_finite(terms, at)
+        return check and self._check_finite(terms, at, loss)
 
-    def _check_finite(self, terms: dict[str, Tensor], at: Position) -> bool:
-        """Raise :class:`NonFiniteLossError` if a loss term is NaN or infinite; return whether a stop
-        signal arrived (under DDP: on any rank, both learnt in one all-reduce)."""
-        bad = {name: value for name, value in terms.items() if not torch.isfinite(value).all()}
+    def _check_finite(self, terms: dict[str, Tensor], at: Position, loss: Tensor | None = None) -> bool:
+        """Raise :class:`NonFiniteLossError` if a loss term (or their sum ``loss``) is NaN or infinite;
+        return whether a stop signal arrived (under DDP: on any rank, both learnt in one all-reduce).
+
+        With ``loss`` given, one check of the sum stands for all terms (a sum of finite terms is
+        finite unless it overflows); the terms are looked at only when it fails.
+        """
+        bad: dict[str, Tensor] = {}
+        if loss is None or not torch.isfinite(loss):
+            bad = {name: value for name, value in terms.items() if not torch.isfinite(value).all()}
+            if not bad and loss is not None:
+                bad = {"total (the sum of the terms)": loss}
         stop = self._stop_signal is not None
         if self.dist.enabled:  # --- Distributed: a NaN or a signal on any rank concerns every rank
             flags = torch.tensor([float(bool(bad)), float(stop)], device=self.device)

@@ -31,7 +31,7 @@ from distillery.reproduce.runs import (
     estimate_seconds,
     run_status,
 )
-from distillery.reproduce.stats import mean_std, paired_difference, t_cdf, t_quantile, verdict
+from distillery.stats import mean_std, paired_difference, t_cdf, t_quantile, verdict
 from distillery.train import Stage as TrainStage
 from distillery.train import Trainer, load_checkpoint
 from distillery.train.loop import snapshot_path

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from distillery.reproduce.stats import mean_std, paired_difference
+from distillery.stats import mean_std, paired_difference
 
 BUDGET = Path(__file__).with_name("budget.yaml")
 METHODS = ["hinton", "logits", "ensemble", "label_smoothing", "fitnets", "fsp", "tfkd_self", "tfkd_reg"]

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distillery.reproduce.stats import PairedDifference, mean_std, paired_difference, verdict  # noqa: E402
+from distillery.stats import PairedDifference, mean_std, paired_difference, verdict  # noqa: E402
 
 Values = Mapping[str, Sequence[float]]  # setting -> one value per seed (seed order)
 

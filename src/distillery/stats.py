@@ -1,4 +1,6 @@
-"""Statistics over seeds: mean ± std, a paired 95 % confidence interval, and the direction verdict.
+"""Statistics for reports and benchmarks: mean ± std over seeds, a paired 95 % confidence interval
+with the direction verdict (``distillery reproduce``, the methods table), and a distribution-free
+interval for a median (``distillery bench``).
 
 A setting and its baseline are run with the same seeds (same data subset, same initial weights
 where the architectures agree), so their per-seed differences d_s = setting_s − baseline_s are
@@ -134,3 +136,38 @@ def verdict(diff: PairedDifference, direction: int) -> str:
     if high < 0:
         return "no"
     return "inconclusive"
+
+
+@dataclass(frozen=True)
+class MedianInterval:
+    """The median of ``n`` values with a distribution-free interval covering the true median with
+    probability ``coverage`` (≥ the level asked for when n ≥ 6; for n < 6 no pair of order
+    statistics reaches 95 %, and the interval is the range, with the coverage it has)."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+    coverage: float
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> MedianInterval:
+    """Median and order-statistic confidence interval [x_(k), x_(n+1−k)] (1-based, sorted values).
+
+    k is the largest rank with P(Bin(n, ½) ≤ k − 1) ≤ (1 − level)/2, so the interval covers the
+    population median with probability 1 − 2·P(Bin(n, ½) ≤ k − 1) whatever the distribution: a
+    slow spell on a shared machine can skew timings but cannot break this interval.
+    """
+    if not values:
+        raise ValueError("median_interval needs at least one value")
+    x = sorted(values)
+    n = len(x)
+    mid = n // 2
+    median = x[mid] if n % 2 else (x[mid - 1] + x[mid]) / 2
+    k, tail = 1, 0.5**n  # rank k and P(Bin(n, 1/2) <= k - 1); rank 1 (the range) whatever its coverage
+    while k < (n + 1) // 2:
+        next_tail = tail + math.comb(n, k) / 2**n  # P(Bin(n, 1/2) <= k)
+        if next_tail > (1 - level) / 2:
+            break
+        tail, k = next_tail, k + 1
+    return MedianInterval(median, x[k - 1], x[n - k], n, 1 - 2 * tail)

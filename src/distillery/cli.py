@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and cached), FSP stage 1 (on the fly and stored) and evaluation on a fixed "
                                    "Fashion-MNIST workload; print one table and write it as markdown + JSON.")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="timed steps per row, in rounds of 5 after a warm-up round (default 20; --quick: 5)")
+                   help="timed steps per row, in rounds of 5 after a warm-up round (default 60: 12 paired rounds; "
+                        "--quick: 5)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run (5 steps per row)")
     p.add_argument("--output", default="runs/bench", metavar="DIR",
                    help="folder for bench-<date>.md and .json (default runs/bench)")
@@ -182,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from distillery.bench import run_bench
 
-        steps = args.steps if args.steps is not None else (5 if args.quick else 20)
+        steps = args.steps if args.steps is not None else (5 if args.quick else 60)
         if steps < 1 or (args.threads is not None and args.threads < 1):
             raise ConfigError(f"--steps and --threads must be >= 1, got {steps} and {args.threads}")
         _, markdown, path = run_bench(steps, args.output, args.data_root, args.threads,

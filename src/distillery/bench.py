@@ -206,7 +206,7 @@ class StepClock:
         self.name, self.turns = name, turns
         self.steps: list[tuple[float, float]] = []  # (wall, CPU) seconds of each finished step
         self._start: tuple[float, float] | None = None
-        self._stepped = False  # a step has run since this thread last got the turn
+        self._stepped = False  # this row has taken a step: from then on each begin() first hands the turn over
 
     def begin(self) -> None:
         self.pause()

@@ -12,11 +12,11 @@ from fakes import counting
 from torch import nn
 
 from distillery.cache import CachedTeacher, CacheRebuiltWarning, TeacherCache, cache_key, entry_name
-from distillery.config import AugmentConfig, TrainConfig, load_config
+from distillery.config import AugmentConfig, TrainConfig
 from distillery.data import BatchLoader, ImageDataset
 from distillery.methods import Teacher, create_method
 from distillery.models import create_model
-from distillery.pipeline import teacher_cache_dir
+from distillery.recipe import load_config, teacher_cache_dir
 from distillery.train import Stage, Trainer
 
 

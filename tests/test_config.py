@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distillery.config import ConfigError, apply_override, default_recipe, fingerprint, load_config
+from distillery.config import ConfigError, apply_override, default_recipe, fingerprint
+from distillery.recipe import load_config
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -68,7 +69,7 @@ def test_set_overrides_any_key_with_yaml_values() -> None:
                                 "distill.stages.0.method.temperature=8", "data.train_subset=100"])
     assert config.seed == 7
     assert config.student.model.kwargs["hidden"] == [10, 20]
-    assert config.distill.stages[0].method.params["temperature"] == 8
+    assert config.distill.stages[0].method.temperature == 8
     assert config.data.train_subset == 100
 
 

@@ -136,7 +136,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                       teacher=fsp_teacher, teacher_cache=out_dir / "fsp_cache", progress=False, echo=lambda line: None)
         fsp.fit()
         (out_dir / f"fsp_rank{rank}.json").write_text(json.dumps(
-            {"calls": fsp_teacher.calls, "stored": fsp.stages[0].method.uses_stored_targets}))
+            {"calls": fsp_teacher.calls, "stored": (not fsp.stages[0].method.runs_teacher_every_step)}))
         torch.save(fsp_student.state_dict(), out_dir / f"fsp_rank{rank}.pt")
 
 

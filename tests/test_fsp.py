@@ -17,6 +17,7 @@ from distillery.data import Augment, BatchLoader
 from distillery.losses import fsp_loss, fsp_matrix
 from distillery.methods import Teacher, create_method, run_student
 from distillery.models import create_model
+from distillery.stored_targets import prepare_stored_targets
 from distillery.train import Stage, Trainer
 
 
@@ -133,7 +134,7 @@ def _loader(dataset) -> BatchLoader:
 def _prepared(student, teacher, data, cache_dir=None, **params):
     method = create_method("fsp", **params)
     method.setup(student, teacher, _example())
-    method.prepare(teacher, _loader(data), cache_dir)
+    prepare_stored_targets(method, teacher, _loader(data), cache_dir)
     return method
 
 
@@ -148,7 +149,7 @@ def test_stored_and_recomputed_teacher_matrices_give_the_same_loss(tmp_path) -> 
     student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
     stored = _prepared(student, teacher, data, store_teacher=True, store_dir=str(tmp_path), shuffle_seed=3)
     live = _prepared(student, teacher, data, store_teacher=False, shuffle_seed=3)
-    assert stored.uses_stored_targets and not live.uses_stored_targets
+    assert not stored.runs_teacher_every_step and live.runs_teacher_every_step
     # one teacher-cache entry per teacher pair, under the key of (teacher weights, data, preprocessing, device)
     assert set(_entries(tmp_path, teacher, data)) == {"fsp_stem__stage1.bin", "fsp_stage1__stage2.bin",
                                                       "fsp_stage2__stage3.bin"}
@@ -219,8 +220,8 @@ def test_a_damaged_stored_entry_is_rebuilt_alone(tmp_path, damage) -> None:
     data = tiny_dataset(40)
     student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
     reference = _prepared(student, teacher, data, tmp_path)  # auto, with a cache folder: stored
-    assert reference.uses_stored_targets
-    expected = [g.clone() for g in reference._stored]
+    assert (not reference.runs_teacher_every_step)
+    expected = [g.clone() for g in reference._stored.targets.values()]
     before = _entries(tmp_path, teacher, data)
     folder = tmp_path / cache_key(teacher, data)
     damaged = folder / "fsp_stage1__stage2.bin"
@@ -236,14 +237,14 @@ def test_a_damaged_stored_entry_is_rebuilt_alone(tmp_path, damage) -> None:
     with pytest.warns(CacheRebuiltWarning, match="fsp_stage1__stage2.bin"):
         rebuilt = _prepared(student, fresh, data, tmp_path)
     assert fresh.calls == 1 + 1  # setup + one pass over the data for the damaged entry
-    for got, want in zip(rebuilt._stored, expected):
+    for got, want in zip(rebuilt._stored.targets.values(), expected):
         assert torch.equal(got, want)
     after = _entries(tmp_path, teacher, data)
     assert after["fsp_stem__stage1.bin"] == before["fsp_stem__stage1.bin"]  # the intact entries were not rewritten
     assert after["fsp_stage2__stage3.bin"] == before["fsp_stage2__stage3.bin"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the rebuilt entry is good
-        assert _prepared(student, counting(teacher), data, tmp_path).uses_stored_targets
+        assert not _prepared(student, counting(teacher), data, tmp_path).runs_teacher_every_step
 
 
 def test_another_teacher_data_or_pair_gets_its_own_entries(tmp_path) -> None:
@@ -261,7 +262,8 @@ def test_another_teacher_data_or_pair_gets_its_own_entries(tmp_path) -> None:
         assert len(_entries(tmp_path, t, d)) == 3
         batch = next(BatchLoader(d, len(d)).epoch(0))
         feats = t(batch.inputs, method.teacher_layers).features
-        torch.testing.assert_close(method._stored[2], fsp_matrix(feats["stage2"], feats["stage3"]))
+        stored = list(method._stored.targets.values())
+        torch.testing.assert_close(stored[2], fsp_matrix(feats["stage2"], feats["stage3"]))
     # a new pair under the same key adds its entry next to the others
     pair = _prepared(student, counting(teacher), data, tmp_path, pairs=[["stem", "stage2"]])
     assert pair.entry_names == ["fsp_stem__stage2"]
@@ -277,8 +279,8 @@ def test_when_auto_stores_and_where_true_stores(tmp_path) -> None:
         params = {k: kwargs.pop(k) for k in ("store_teacher", "store_dir") if k in kwargs}
         method = create_method("fsp", **params)
         method.setup(student, teacher, _example())
-        method.prepare(teacher, loader or _loader(data), cache_dir, **kwargs)
-        return method.uses_stored_targets
+        prepare_stored_targets(method, teacher, loader or _loader(data), cache_dir, **kwargs)
+        return (not method.runs_teacher_every_step)
 
     assert prepare(cache_dir=tmp_path / "c1")  # auto, cache on
     assert not prepare()  # auto, teacher cache off (no folder): runs the teacher
@@ -304,7 +306,8 @@ def test_stored_matrices_are_refused_with_augmentation_before_training() -> None
     method = create_method("fsp", store_teacher=True)
     train = TrainConfig(epochs=1, batch_size=16, augment={"crop_padding": 1})
     with pytest.raises(ValueError, match=r"only valid without augmentation.*crop_padding=1"):
-        Trainer(_resnet(8), data, data, [Stage(method, train)], teacher=Teacher(_resnet(8, seed=2)), progress=False)
+        Trainer(_resnet(8), data, data, [Stage(method, train)], teacher=Teacher(_resnet(8, seed=2)),
+                progress=False).fit()
 
 
 def test_channel_counts_that_differ_are_named() -> None:
@@ -328,7 +331,7 @@ def test_teacher_pairs_with_other_names_and_vector_layers() -> None:
     method = create_method("fsp", pairs=[["stem", "stage1"]], teacher_pairs=[["stage1.0", "stage1.1"]])
     method.setup(student, Teacher(teacher_net), _example())  # 16 channels on both sides: fine
     bad = create_method("fsp", pairs=[["stem", "head"]], teacher_pairs=[["stage1.0", "stage1.1"]])
-    with pytest.raises(ValueError, match="fsp pair 1: student layers 'stem'.*'head'.*must both give N×C×H×W"):
+    with pytest.raises(ValueError, match="fsp pair 1: student layers 'stem'.*'head'.*must both give feature maps"):
         bad.setup(student, Teacher(teacher_net), _example())
     with pytest.raises(ValueError, match=r"pairs / teacher_pairs.*no layer named 'stage1\.9'"):
         create_method("fsp", pairs=[["stem", "stage1.9"]]).setup(student, Teacher(_resnet(8)), _example())

@@ -17,7 +17,7 @@ from distillery.data import load_idx_dataset
 from distillery.losses import ensemble_probs
 from distillery.methods import create_method
 from distillery.models import create_model
-from distillery.pipeline import load_trained_model
+from distillery.networks import load_trained_model
 from distillery.train import Stage, Trainer, seed_everything
 
 TRAIN = {"epochs": 3, "batch_size": 32, "optimizer": {"lr": 0.05}, "schedule": {"name": "constant"}}

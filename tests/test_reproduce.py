@@ -18,7 +18,7 @@ from distillery.cli import main
 from distillery.config import ModelConfig, TrainConfig
 from distillery.methods import create_method
 from distillery.models.mlp import MLP
-from distillery.pipeline import load_trained_model
+from distillery.networks import load_trained_model
 from distillery.reproduce import EXPERIMENTS, Env, Result, run_experiment
 from distillery.reproduce.hinton import accuracy_with_bias, choose_bias
 from distillery.reproduce.report import Claim, build_rows, markdown_table
@@ -26,11 +26,13 @@ from distillery.reproduce.runs import (
     RUN_OVERHEAD,
     DataSpec,
     RunSpec,
-    Stage,
     TeacherRef,
     estimate_seconds,
+    run_spec,
     run_status,
+    stage,
 )
+from distillery.runner import default_folder
 from distillery.stats import mean_std, paired_difference, t_cdf, t_quantile, verdict
 from distillery.train import Stage as TrainStage
 from distillery.train import Trainer, load_checkpoint
@@ -153,23 +155,27 @@ def test_bias_correction_picks_the_smallest_shift_that_maximises_accuracy() -> N
 # ------------------------------------------------------------------ run keys and cost estimates
 
 
+def _folder(spec, out):
+    return default_folder(out)(spec)
+
+
 def _spec(**changes) -> RunSpec:
     base = {"label": "student alone", "model": {"name": "mlp", "kwargs": {"hidden": [800, 800]}},
-            "stages": (Stage("ce", {}, {"epochs": 2}),), "data": DataSpec(train_size=1000, test_size=100), "seed": 0}
-    return RunSpec(**{**base, **changes})
+            "stages": (stage("ce", {}, {"epochs": 2}),), "data": DataSpec(train_size=1000, test_size=100), "seed": 0}
+    return run_spec(**{**base, **changes})
 
 
 def test_run_key_covers_the_config_and_teachers_but_not_label_or_device() -> None:
     spec = _spec()
     assert spec.key == _spec(label="another name", device="cuda").key
-    assert spec.key == _spec(stages=(Stage("ce", {}, {"epochs": 2, "batch_size": 128}),)).key  # a default spelled out
+    assert spec.key == _spec(stages=(stage("ce", {}, {"epochs": 2, "batch_size": 128}),)).key  # a default spelled out
     assert spec.key != _spec(seed=1).key
     assert spec.key != _spec(data=DataSpec(train_size=1000, test_size=100, omit_classes=(3,))).key
     teacher = _spec(label="teacher", model={"name": "mlp_hinton_teacher"})
-    taught = _spec(stages=(Stage("hinton", {}, {"epochs": 2}),), teachers=(TeacherRef(teacher),))
-    assert taught.key != _spec(stages=(Stage("hinton", {}, {"epochs": 2}),),
+    taught = _spec(stages=(stage("hinton", {}, {"epochs": 2}),), teachers=(TeacherRef(teacher),))
+    assert taught.key != _spec(stages=(stage("hinton", {}, {"epochs": 2}),),
                                teachers=(TeacherRef(teacher, snapshot=0.5),)).key
-    assert taught.key != _spec(stages=(Stage("hinton", {}, {"epochs": 2}),),
+    assert taught.key != _spec(stages=(stage("hinton", {}, {"epochs": 2}),),
                                teachers=(TeacherRef(_spec(label="teacher", model={"name": "mlp_hinton_teacher"},
                                                           seed=7)),)).key
 
@@ -179,8 +185,8 @@ def test_cost_estimate_by_hand() -> None:
     k = RUN_OVERHEAD / 1000
     assert estimate_seconds(_spec(), 1000, 100) == pytest.approx(k * (2 * 1000 * 0.104 + 2 * 100 * 0.032))
     teacher = _spec(model={"name": "mlp_hinton_teacher"})
-    cached = _spec(stages=(Stage("hinton", {}, {"epochs": 2}),), teachers=(TeacherRef(teacher),))
-    on_the_fly = _spec(stages=(Stage("hinton", {}, {"epochs": 2, "augment": {"hflip": True}}),),
+    cached = _spec(stages=(stage("hinton", {}, {"epochs": 2}),), teachers=(TeacherRef(teacher),))
+    on_the_fly = _spec(stages=(stage("hinton", {}, {"epochs": 2, "augment": {"hflip": True}}),),
                        teachers=(TeacherRef(teacher),))
     # Cached logits: one teacher pass over the data; augmented batches: one per step.
     assert estimate_seconds(cached, 1000, 100) == pytest.approx(k * (2 * 1000 * 0.104 + 1000 * 0.061 + 6.4))
@@ -229,12 +235,12 @@ def test_hinton_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
     assert "## Omitted class" in report and "Chosen δ per seed" in report
     # The reported values are the runs' own final test accuracies, seed by seed.
     plan = EXPERIMENTS["hinton"].plan(EXPERIMENTS["hinton"].budgets["smoke"], 1, Env("cpu", str(tiny_root)))
-    assert result.values["distilled T=20"][1] == pytest.approx(_final_accuracy(plan["distilled T=20"].run_dir(
+    assert result.values["distilled T=20"][1] == pytest.approx(_final_accuracy(_folder(plan["distilled T=20"],
         result.out)))
     omitted = plan["omitted"]
     assert omitted.data.omit_classes == (3,)
     assert result.values["omit 3: overall accuracy, uncorrected"][1] == pytest.approx(
-        _final_accuracy(omitted.run_dir(result.out)))
+        _final_accuracy(_folder(omitted, result.out)))
     extras = json.loads((result.out / "results.json").read_text())["extras"]
     assert all(extras[s]["bias"] >= 0 for s in ("0", "1"))
     # The ensemble teacher is made of the seed's teacher and the extra members (other seeds).
@@ -247,11 +253,11 @@ def test_fsp_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
     report = _check_report(result, "fsp", ("accuracy_vs_iteration.png",))
     assert "## Fast optimisation" in report
     plan = EXPERIMENTS["fsp"].plan(EXPERIMENTS["fsp"].budgets["smoke"], 0, Env("cpu", str(tiny_root)))
-    shuffles = [plan[f"shuffled {k}"].stages[0].params["shuffle_seed"] for k in (1, 2)]
+    shuffles = [plan[f"shuffled {k}"].stages[0].method.shuffle_seed for k in (1, 2)]
     assert shuffles == [1, 2]
-    assert [s.method for s in plan["small fitnets"].stages] == ["fitnets", "hinton"]
+    assert [s.method.name for s in plan["small fitnets"].stages] == ["fitnets", "hinton"]
     fast = plan["fast FSP"]
-    assert [s.method for s in fast.stages] == ["fsp", "ce"] and fast.stages[1].train["epochs"] == 1  # 3 / 3
+    assert [s.method.name for s in fast.stages] == ["fsp", "ce"] and fast.stages[1].train.epochs == 1  # 3 / 3
     curves = json.loads((result.out / "results.json").read_text())["extras"]["0"]["curves"]
     assert len(curves["teacher (trained alone)"]) == 3
 
@@ -318,8 +324,8 @@ def test_an_interrupted_run_is_continued_to_the_same_weights(tiny_root: Path, tm
     result = _reproduce("hinton", tiny_root, tmp_path / "a", seeds=1)
     assert result.counts["trained"] == len(result.specs) and result.counts["reused"] == 0
     fresh = _reproduce("hinton", tiny_root, tmp_path / "b", seeds=1)
-    continued = load_checkpoint(teacher.run_dir(tmp_path / "a") / "checkpoint.pt")
-    uninterrupted = load_checkpoint(teacher.run_dir(tmp_path / "b") / "checkpoint.pt")
+    continued = load_checkpoint(_folder(teacher, tmp_path / "a") / "checkpoint.pt")
+    uninterrupted = load_checkpoint(_folder(teacher, tmp_path / "b") / "checkpoint.pt")
     assert continued["complete"] and len(continued["history"]) == 2
     for name, value in uninterrupted["student"].items():
         assert torch.equal(continued["student"][name], value), name

@@ -13,7 +13,7 @@ import pytest
 import torch
 from fakes import random_dataset, train_config
 
-from distillery.pipeline import load_trained_model
+from distillery.networks import load_trained_model
 from distillery.train import CheckpointError, Stage, Trainer, load_checkpoint, save_checkpoint
 from distillery.train.checkpoint import load_weights
 

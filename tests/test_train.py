@@ -166,7 +166,7 @@ def test_teacher_stays_frozen_in_eval_and_out_of_optimiser(small_dataset: ImageD
     for k, v in teacher_net.state_dict().items():
         assert torch.equal(v, before[k])
     assert all(not p.requires_grad for p in teacher_net.parameters())
-    optimised = {id(p) for group in trainer._optimizer.param_groups for p in group["params"]}
+    optimised = {id(p) for group in trainer.current.optimizer.param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in teacher_net.parameters()}
 
 

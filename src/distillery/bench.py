@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillery.stats import median_interval
+from distillery.train.callbacks import Callback, StepEvent
 
 BATCH = 128
 EVAL_BATCH = 256
@@ -66,6 +67,7 @@ PAIRS = {  # workload name: (teacher model, student model, student kwargs)
     "resnet20→resnet8": ("resnet20", "resnet8", {}),
     "mlp1200²→mlp800²": ("mlp_hinton_teacher", "mlp", {"hidden": [800, 800]}),
 }
+TRAINER_ROWS = ("ce alone", "ce alone (again)", "kd on the fly", "kd cached", "fsp1 on the fly", "fsp1 stored")
 ROWS = ("ce alone", "kd reference", "kd on the fly", "kd cached", "fsp1 on the fly", "fsp1 stored",
         "eval evaluate()", "eval bare model(x)", "ce alone (again)")
 # (row, baseline row, minimum ratio) — the targets this benchmark exists to watch.
@@ -230,6 +232,21 @@ class StepClock:
         self.pause()
 
 
+class ClockedSteps(Callback):
+    """Times a Trainer's steps with a :class:`StepClock`: a step runs from its start until the next
+    one starts (the loop's bookkeeping included); an epoch's last step ends before its evaluation."""
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_step_start(self, event: StepEvent) -> None:
+        self.clock.begin()
+
+    def on_step_end(self, event: StepEvent) -> None:
+        if event.step + 1 == event.stage.steps:
+            self.clock.pause()
+
+
 def typical_of(durations: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """Lower-quartile wall time and median CPU time of (wall, cpu) step durations.
 
@@ -258,46 +275,44 @@ def _load_setup(workdir: Path, workload: str):
     return train, test, teacher, student
 
 
+def _trainer_row(workdir: Path, row: str, train, test, teacher_net: nn.Module,
+                 student: nn.Module) -> Callable[[int, StepClock], None]:
+    """A row that runs our Trainer: ``run(epochs, clock)`` with every step timed by ``clock``."""
+    from distillery.config import TrainConfig
+    from distillery.methods import Teacher, create_method
+    from distillery.methods.features import STAGE1_OPTIMIZER
+    from distillery.train import Stage, Trainer
+
+    optimizer = {"name": "sgd", "lr": SGD["lr"], "momentum": SGD["momentum"], "weight_decay": SGD["weight_decay"]}
+    if row.startswith("ce alone"):
+        method = create_method("ce")
+    elif row.startswith("kd"):
+        method = create_method("hinton", **KD)
+    else:  # FSP stage 1 as `distillery distill --method fsp` runs it, with the default pairs and optimiser
+        method, optimizer = create_method("fsp", store_teacher=row == "fsp1 stored"), STAGE1_OPTIMIZER
+    small_test = test.subset(EVAL_BATCH)
+    cached = row in ("kd cached", "fsp1 stored")
+
+    def run_trainer(epochs: int, clock: StepClock) -> None:
+        cfg = TrainConfig(epochs=epochs, batch_size=BATCH, schedule={"name": "constant"}, optimizer=optimizer)
+        Trainer(student, train, small_test, [Stage(method, cfg)], teacher=Teacher(teacher_net),
+                progress=False, echo=lambda line: None, callbacks=[ClockedSteps(clock)],
+                teacher_cache=workdir / "cache" if cached else None).fit()
+
+    return run_trainer
+
+
 def make_row(workdir: Path, workload: str, row: str) -> tuple[Callable[[int, StepClock], None], int]:
     """Set up one row; returns ``run(epochs, clock)`` — that many epochs of the row's small dataset
     (:data:`CHUNK` steps each), every step timed by ``clock`` — and the row's batch size."""
-    from distillery.config import TrainConfig
     from distillery.data import BatchLoader
-    from distillery.methods import Teacher, create_method
-    from distillery.methods.fsp import STAGE1_OPTIMIZER
-    from distillery.train import Stage, Trainer, evaluate
-    from distillery.train.loop import prefer_channels_last
+    from distillery.train import evaluate, prefer_channels_last
 
     torch.manual_seed(0)
     train, test, teacher_net, student = _load_setup(workdir, workload)
 
-    if row in ("ce alone", "ce alone (again)", "kd on the fly", "kd cached", "fsp1 on the fly", "fsp1 stored"):
-        optimizer = {"name": "sgd", "lr": SGD["lr"], "momentum": SGD["momentum"], "weight_decay": SGD["weight_decay"]}
-        if row.startswith("ce alone"):
-            method = create_method("ce")
-        elif row.startswith("kd"):
-            method = create_method("hinton", **KD)
-        else:  # FSP stage 1 as `distillery distill --method fsp` runs it, with the default pairs and optimiser
-            method, optimizer = create_method("fsp", store_teacher=row == "fsp1 stored"), STAGE1_OPTIMIZER
-        small_test = test.subset(EVAL_BATCH)
-        cached = row in ("kd cached", "fsp1 stored")
-
-        def run_trainer(epochs: int, clock: StepClock) -> None:
-            class StepTimedTrainer(Trainer):
-                def _step(self, *args, **kwargs):  # a step runs until the next one starts (bookkeeping included)
-                    clock.begin()
-                    return super()._step(*args, **kwargs)
-
-                def _epoch_record(self, *args, **kwargs):
-                    clock.pause()
-                    return super()._epoch_record(*args, **kwargs)
-
-            cfg = TrainConfig(epochs=epochs, batch_size=BATCH, schedule={"name": "constant"}, optimizer=optimizer)
-            StepTimedTrainer(student, train, small_test, [Stage(method, cfg)], teacher=Teacher(teacher_net),
-                             progress=False, echo=lambda line: None,
-                             teacher_cache=workdir / "cache" if cached else None).fit()
-
-        return run_trainer, BATCH
+    if row in TRAINER_ROWS:
+        return _trainer_row(workdir, row, train, test, teacher_net, student), BATCH
     if row == "kd reference":
         def run_reference(epochs: int, clock: StepClock) -> None:
             for epoch in range(epochs):
@@ -395,7 +410,8 @@ def _prepare(workdir: Path, data_root: str | None, echo) -> None:
     from distillery.data import BatchLoader, load_idx_dataset
     from distillery.methods import Teacher, create_method
     from distillery.models import create_model
-    from distillery.train.loop import prefer_channels_last
+    from distillery.stored_targets import serve_targets
+    from distillery.train import prefer_channels_last
 
     train = load_idx_dataset("fashion_mnist", "train", data_root).subset(CHUNK * BATCH, seed=0)
     test = load_idx_dataset("fashion_mnist", "test", data_root).subset(CHUNK * EVAL_BATCH, seed=0)
@@ -415,7 +431,7 @@ def _prepare(workdir: Path, data_root: str | None, echo) -> None:
             fsp = create_method("fsp", store_teacher=True)  # the row's method fills the cache it will read
             loader = BatchLoader(train, BATCH, shuffle=True)
             fsp.setup(student, Teacher(teacher), next(loader.epoch(0)).inputs[:8])
-            fsp.prepare(Teacher(teacher), loader, workdir / "cache")
+            serve_targets(fsp.target_request(), Teacher(teacher), loader, cache_dir=workdir / "cache", max_mb=1e9)
             echo(f"  {workload}: teacher FSP matrices stored in {time.perf_counter() - start:.1f} s (one-time)")
 
 

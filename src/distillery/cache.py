@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 from distillery.data import BatchLoader, ImageDataset
-from distillery.methods.base import ModelOutputs, Teacher
+from distillery.teacher import ModelOutputs, Teacher, entry_name  # noqa: F401 (entry_name: part of this module's API)
 
 FORMAT_VERSION = 1
 # What BatchLoader does to a stored uint8 image before the network sees it (augmentation aside).
@@ -85,21 +84,6 @@ def cache_key(teacher: Teacher, dataset: ImageDataset, device: torch.device | st
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
-
-
-def entry_name(kind: str, *layers: str) -> str:
-    """A cache entry name for ``kind`` of the teacher ``layers``, usable as a file name.
-
-    ``entry_name("fsp", "stem", "stage1") == "fsp_stem__stage1"``. Characters other than letters,
-    digits, ``.``, ``-`` and ``_`` become ``_``; when that changes a name, or a name holds the
-    ``__`` separator, a short hash of the exact names is appended so different layers never share
-    an entry.
-    """
-    safe = [re.sub(r"[^A-Za-z0-9_.-]", "_", layer) for layer in layers]
-    name = f"{kind}_{'__'.join(safe)}"
-    if safe != list(layers) or any("__" in layer for layer in layers) or not all(layers):
-        name += "_" + hashlib.sha256(repr((kind, layers)).encode()).hexdigest()[:8]
-    return name
 
 
 def _file_sha256(path: Path) -> str:

@@ -17,7 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from distillery.config import ConfigError, RunConfig, load_config
+from distillery.config import ConfigError
+from distillery.recipe import RunConfig, load_config, method_default_stages
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -31,6 +32,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                         help="override any config key, e.g. --set distill.stages.0.method.temperature=8 "
                              "(repeatable; values are parsed as YAML)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=int, metavar="N",
                    help="repeat the distillation N times, each student teaching the next (tfkd_self)")
 
+    _add_other_commands(sub)
+    return parser
+
+
+def _add_other_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate checkpoints on the test set",
                        description="Top-1 accuracy and loss of each checkpoint on the configured test set; with "
                                    "--ensemble also of the ensemble averaging their probabilities.")
@@ -115,31 +122,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's choice; 1 lets two experiments share 2 cores)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    sub.add_parser("models", help="list the registered model names")
-    sub.add_parser("methods", help="list the distillation methods and their parameters")
-    return parser
+    sub.add_parser("models", help="list the registered models with their options and sizes")
+    sub.add_parser("methods", help="list the distillation methods with their formulas and parameters")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `distillery methods | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
     except Exception as err:
-        from distillery.train import NonFiniteLossError, TrainingInterrupted
+        return _report_error(err, getattr(args, "debug", False))
 
-        if isinstance(err, TrainingInterrupted):
-            print(_rank_prefix() + str(err), file=sys.stderr)
-            return EXIT_INTERRUPTED
-        if isinstance(err, NonFiniteLossError):
-            print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
-            return EXIT_DIVERGED
-        if isinstance(err, (ConfigError, ValueError, FileNotFoundError)):
-            print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
+
+def _report_error(err: Exception, debug: bool) -> int:
+    """Exit codes: 130 interrupted, 3 diverged, 2 bad input (config, file, data); anything else re-raised."""
+    from distillery.train import NonFiniteLossError, TrainingInterrupted
+
+    if debug:
+        raise err
+    if isinstance(err, TrainingInterrupted):
+        print(_rank_prefix() + str(err), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(err, NonFiniteLossError):
+        print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    if isinstance(err, (ConfigError, ValueError, OSError)):
+        print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    raise err
 
 
 def _rank_prefix() -> str:
@@ -150,168 +166,131 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if world != "1" and rank != "0" else ""
 
 
-def _config(args: argparse.Namespace, extra: Sequence[str] = ()) -> RunConfig:
+def _config(args: argparse.Namespace) -> RunConfig:
     """The config file, then ``--method``'s stages, then the ``--set`` overrides, then other flags.
 
     ``--set distill.stages.0.method.temperature=8`` thus tunes the stages ``--method`` chose.
     """
-    first = []
-    if getattr(args, "method", None):
-        first.append("distill.stages=" + json.dumps(_default_stages(args)))
-    return load_config(args.config, [*first, *args.overrides, *extra])
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-
-    if args.command == "models":
-        from distillery.models import list_models
-
-        print("\n".join(list_models()))
-        return 0
-    if args.command == "methods":
-        from distillery.methods import METHODS
-
-        for name, cls in sorted(METHODS.items()):
-            fields = ", ".join(f"{k}={f.get_default(call_default_factory=True)!r}"
-                               for k, f in cls.Params.model_fields.items())
-            summary = (cls.__doc__ or "").strip().splitlines()[0]
-            stages = [stage["method"]["name"] for stage in cls.default_stages()]
-            print(f"{name}: {summary}" + (f"\n    {fields}" if fields else "")
-                  + (f"\n    --method {name} runs the stages {' → '.join(stages)}" if len(stages) > 1 else ""))
-        return 0
-
-    if args.command == "bench":
-        from distillery.bench import run_bench
-
-        steps = args.steps if args.steps is not None else (5 if args.quick else 60)
-        if steps < 1 or (args.threads is not None and args.threads < 1):
-            raise ConfigError(f"--steps and --threads must be >= 1, got {steps} and {args.threads}")
-        _, markdown, path = run_bench(steps, args.output, args.data_root, args.threads,
-                                      echo=lambda line: print(line, file=sys.stderr))
-        print(markdown)
-        print(f"written: {path} and {path.with_suffix('.json')}")
-        return 0
-
-    if args.command == "reproduce":
-        from distillery.reproduce import Env, get_experiment, run_experiment
-        from distillery.train import resolve_device
-
-        experiment = get_experiment(args.experiment)
-        resolve_device(args.device)  # an unusable device fails before any planning
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
-        out = args.out or f"runs/reproduce/{args.experiment}-{args.budget}"
-        run_experiment(experiment, args.budget, args.seeds, out, env=Env(args.device, args.data_root),
-                       dry_run=args.dry_run, progress=not args.no_progress)
-        return 0
-
+    first = [method_default_stages(args.method, args.config, args.overrides)] if getattr(args, "method", None) else []
     extra = []
     if getattr(args, "teacher", None):
         extra.append(f"teacher.checkpoint={json.dumps(args.teacher[0])}")
         extra.append(f"teacher.ensemble={json.dumps(args.teacher[1:])}")
     if getattr(args, "generations", None) is not None:
         extra.append(f"distill.generations={args.generations}")
-    config = _config(args, extra)
-    progress = not args.no_progress
-    if args.command == "eval":
-        return _eval(config, args.checkpoints, args.ensemble)
+    return load_config(args.config, [*first, *args.overrides, *extra])
+
+
+def _options(args: argparse.Namespace):
+    from distillery.pipeline import JobOptions
+
+    return JobOptions(resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+# ---------------------------------------------------------------- one function per command
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from distillery.models import describe_models
+
+    print(describe_models())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from distillery.methods.catalogue import describe_methods
+
+    print(describe_methods())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distillery.bench import run_bench
+
+    steps = args.steps if args.steps is not None else (5 if args.quick else 60)
+    if steps < 1 or (args.threads is not None and args.threads < 1):
+        raise ConfigError(f"--steps and --threads must be >= 1, got {steps} and {args.threads}")
+    _, markdown, path = run_bench(steps, args.output, args.data_root, args.threads,
+                                  echo=lambda line: print(line, file=sys.stderr))
+    print(markdown)
+    print(f"written: {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from distillery.reproduce import Env, get_experiment, run_experiment
+    from distillery.train import resolve_device
+
+    experiment = get_experiment(args.experiment)
+    resolve_device(args.device)  # an unusable device fails before any planning
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = args.out or f"runs/reproduce/{args.experiment}-{args.budget}"
+    run_experiment(experiment, args.budget, args.seeds, out, env=Env(args.device, args.data_root),
+                   dry_run=args.dry_run, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distillery.pipeline import eval_job
+
+    for row in eval_job(_config(args), args.checkpoints, args.ensemble):
+        print(f"{row.path}: {row.model} test accuracy {100 * row.accuracy:.2f} %  loss {row.loss:.4f}")
+    return 0
+
+
+def _in_process_group(args: argparse.Namespace, job) -> int:
+    """Run a training job; under torchrun every process joins the group here (gloo on CPU, nccl on
+    CUDA): all train, rank 0 alone prints and writes."""
     from distillery.train import distributed
 
-    # Distributed: under torchrun every process joins the group here (gloo on CPU, nccl on CUDA);
-    # all train, rank 0 alone prints and writes.
+    config = _config(args)
     with distributed.session(config.device) as ctx:
-        return _train_commands(args, config, progress, ctx.is_main)
+        return job(config, ctx.is_main)
 
 
-def _train_commands(args: argparse.Namespace, config: RunConfig, progress: bool, is_main: bool) -> int:
-    from distillery import pipeline
+def cmd_run(args: argparse.Namespace) -> int:
+    from distillery.pipeline import run_main_job
 
-    data = pipeline.load_data(config)
-    common = {"progress": progress, "resume": args.resume, "overwrite": args.overwrite}
-    if args.command == "run":
-        result = pipeline.run_main_job(config, **common)
-        if result is None:  # not rank 0
+    def job(config: RunConfig, is_main: bool) -> int:
+        result = run_main_job(config, _options(args))
+        if result is None or not is_main:
             return 0
         print(result.table_text)
         print(f"distilled minus alone: {100 * result.gain:+.2f} points")
-        print(f"report: {result.report_path}\nplot:   {result.plot_path}")
+        print(f"report: {result.report_path}\nplot:   {result.plot_path}\ntotal time: {result.seconds:.0f} s")
         return 0
-    if args.command == "train":
-        if args.role == "teacher":
-            trained, _ = pipeline.get_teacher(config, data, **common)
-        else:
-            trained = pipeline.train_student_alone(config, data, **common)
-    else:
-        teacher, key = None, ""
-        if pipeline.teaches_itself(config) and not args.teacher:
-            teacher = pipeline.train_student_alone(config, data, **common)
-            key = pipeline.run_key(teacher)
-        elif pipeline.needs_teacher(config):
-            if not config.teacher.checkpoint:
-                default = pipeline.Path(config.output_dir) / config.name / "teacher" / "checkpoint.pt"
-                if not default.exists():
-                    raise ConfigError(f"distill needs a teacher: pass --teacher CHECKPOINT, set teacher.checkpoint, "
-                                      f"or train one first with `distillery train --role teacher` (looked for "
-                                      f"{default})")
-                config.teacher.checkpoint = str(default)
-            teacher, key = pipeline.get_teacher(config, data, **common)
-        trained = pipeline.distill_student(config, data, teacher, key, **common)
-    final = trained.history[-1] if trained.history else {}
-    if not is_main:
-        return 0
-    print(f"{trained.role}: test accuracy {100 * final.get('test_accuracy', float('nan')):.2f} %  "
-          f"checkpoint {trained.run_dir / 'checkpoint.pt' if trained.run_dir else '-'}")
+
+    return _in_process_group(args, job)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distillery.pipeline import train_job
+
+    return _in_process_group(args, lambda config, is_main: _print_trained(
+        train_job(config, args.role, _options(args)), is_main))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from distillery.pipeline import distill_job
+
+    return _in_process_group(args, lambda config, is_main: _print_trained(distill_job(config, _options(args)),
+                                                                          is_main))
+
+
+def _print_trained(trained, is_main: bool) -> int:
+    if is_main:
+        checkpoint = trained.run_dir / "checkpoint.pt" if trained.run_dir else "-"
+        print(f"{trained.role}: test accuracy {100 * trained.test_accuracy:.2f} %  checkpoint {checkpoint}")
     return 0
 
 
-def _default_stages(args: argparse.Namespace) -> list[dict]:
-    """``--method NAME``: the method's default stages; a stage's partial ``train`` settings (e.g. a
-    smaller stage-1 learning rate) are laid over the config's ``student.train``."""
-    from distillery.methods import method_class
-
-    stages = method_class(args.method).default_stages()
-    if not any("train" in stage for stage in stages):
-        return stages
-    plain = [{k: v for k, v in stage.items() if k != "train"} for stage in stages]
-    config = load_config(args.config, ["distill.stages=" + json.dumps(plain), *args.overrides])
-    base = config.student.train.model_dump(mode="json")
-    return [{**stage, "train": _merged(base, stage["train"])} if "train" in stage else stage for stage in stages]
-
-
-def _merged(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _eval(config: RunConfig, checkpoints: Sequence[str], ensemble: bool = False) -> int:
-    from distillery import pipeline
-    from distillery.train import evaluate, evaluate_ensemble, resolve_device
-
-    _, test = pipeline.load_data(config)
-    device = resolve_device(config.device)
-    trusted = {config.teacher.model.name, config.student.model.name}
-    models = []
-    for path in checkpoints:
-        model, spec = pipeline.load_trained_model(path, None, test, trusted_models=trusted)
-        models.append((path, spec, model.to(device)))
-    if not ensemble:
-        for path, spec, model in models:
-            metrics = evaluate(model, test, config.data.eval_batch_size, device)
-            print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
-        return 0
-    result = evaluate_ensemble([m for _, _, m in models], test, config.data.eval_batch_size, device)
-    for (path, spec, _), metrics in zip(models, result["members"]):
-        print(f"{path}: {spec.name} test accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}")
-    metrics = result["ensemble"]
-    print(f"ensemble of {len(models)} (averaged probabilities): test accuracy {100 * metrics['accuracy']:.2f} %  "
-          f"loss {metrics['loss']:.4f}")
-    return 0
+COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "eval": cmd_eval, "bench": cmd_bench,
+            "reproduce": cmd_reproduce, "models": cmd_models, "methods": cmd_methods}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Run configuration: schemas, YAML loading, ``--set`` overrides and clear error messages.
+"""Settings sections, YAML reading, ``--set`` overrides and clear error messages.
 
-A config is plain values (no objects are built here). Every section forbids unknown keys, so a
-misspelled key fails before any work with a message naming it and the keys allowed there.
+The sections here are plain values (no objects are built here) shared by every layer above:
+models, training schedules, data, the teacher. They know nothing of the methods; the whole recipe
+(with each stage's method parameters) is assembled in :mod:`distillery.recipe`. Every section
+forbids unknown keys and non-finite numbers, so a misspelled key or an ``.inf`` fails before any
+work with a message naming it and what is allowed there.
 """
 
 from __future__ import annotations
@@ -9,14 +12,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from distillery.methods import method_class
-from distillery.methods.stored import DEFAULT_MAX_MB
+# Largest stored feature target (all training examples) that ``store_teacher: auto`` keeps without
+# being asked, MB (``teacher.cache_max_mb``).
+DEFAULT_MAX_MB = 1024.0
 
 
 class ConfigError(ValueError):
@@ -24,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -80,22 +85,6 @@ class TrainConfig(Section):
         return data
 
 
-class MethodConfig(Section):
-    """``name`` picks the method; the other keys are that method's parameters."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str = "hinton"
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class StageConfig(Section):
-    method: MethodConfig = Field(default_factory=MethodConfig)
-    train: TrainConfig | None = Field(None, description="defaults to student.train")
-
-
 class DataConfig(Section):
     dataset: Literal["fashion_mnist", "mnist"] = "fashion_mnist"
     root: str | None = Field(None, description="folder with the idx files; the Debian package's folder is the fallback")
@@ -131,42 +120,6 @@ class StudentConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
-class DistillConfig(Section):
-    stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
-    generations: int = Field(1, ge=1, description="repeat the distillation, generation k's student teaching "
-                                                  "generation k+1 (Tf-KD_self, born-again networks)")
-
-
-class RunConfig(Section):
-    name: str = Field("run", description="run name: outputs go to <output_dir>/<name>/")
-    output_dir: str = "runs"
-    seed: int = 0
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps")
-    deterministic: bool = Field(False, description="use only deterministic kernels (slower on CUDA)")
-    amp: bool = Field(False, description="mixed precision (CUDA only; ignored elsewhere)")
-    sync_batchnorm: bool = Field(False, description="under torchrun on CUDA, normalise BatchNorm over the global "
-                                 "batch (SyncBatchNorm) instead of each process's share")
-    data: DataConfig = Field(default_factory=DataConfig)
-    teacher: TeacherConfig
-    student: StudentConfig
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        base = value.split(":")[0]
-        if base not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {value!r}")
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not value or "/" in value or value in (".", ".."):
-            raise ValueError(f"name must be a plain folder name, got {value!r}")
-        return value
-
-
 def fingerprint(section: BaseModel | dict) -> str:
     """A short stable hash of a config section, to recognise a run made from the same settings."""
     data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
@@ -174,44 +127,6 @@ def fingerprint(section: BaseModel | dict) -> str:
 
 
 # ---------------------------------------------------------------- loading and overrides
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML file (or the shipped default recipe), apply ``key=value`` overrides, validate."""
-    path = resolve_recipe(path) if path is not None else default_recipe()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path} (shipped recipes, usable by name: "
-                          f"{', '.join(shipped_recipes())})") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item)
-    return validate_config(raw, source=str(path))
-
-
-def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate the whole config, then each stage's method parameters against that method's schema."""
-    try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, prefix="", section=source, schema=RunConfig)) from None
-    for i, stage in enumerate(config.distill.stages):
-        where = f"distill.stages.{i}.method"
-        try:
-            cls = method_class(stage.method.name)
-        except ValueError as err:
-            raise ConfigError(f"{source}: invalid configuration\n  {where}.name: {err}") from None
-        try:
-            cls.Params(**stage.method.params)
-        except ValidationError as err:
-            raise ConfigError(
-                _format_errors(err, prefix=f"{where}.", section=f"{source} (method {cls.name!r})", schema=cls.Params)
-            ) from None
-    return config
 
 
 def default_recipe() -> Path:
@@ -263,11 +178,30 @@ def _list_index(part: str, node: list, where: str) -> int:
     return int(part)
 
 
-def _format_errors(err: ValidationError, prefix: str, section: str, schema: type[BaseModel]) -> str:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file, or a :class:`ConfigError` naming the file and the fault."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (shipped recipes, usable by name: "
+                          f"{', '.join(shipped_recipes())})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def format_errors(err: ValidationError, section: str, schema: type[BaseModel], prefix: str = "") -> str:
+    """One line per error: the dotted key (union tags such as a method's name left out), what is wrong
+    and, for an unknown key, the closest allowed key and all keys allowed there."""
     lines = [f"{section}: invalid configuration"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+        loc = _without_tags(e["loc"], schema)
+        dotted = ".".join(str(p) for p in loc)
+        key = f"{prefix}{dotted}" if dotted else prefix.rstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(e["loc"], schema)
             close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
@@ -281,28 +215,45 @@ def _format_errors(err: ValidationError, prefix: str, section: str, schema: type
     return "\n".join(lines)
 
 
-def _allowed_keys(loc: tuple, schema: type[BaseModel]) -> list[str]:
-    """The keys allowed at the section holding ``loc``'s last element, found by walking the schema."""
-    model: Any = schema
-    for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
+def _walk(loc: tuple, schema: type[BaseModel]) -> list[tuple[Any, list[type[BaseModel]]]]:
+    """Each element of ``loc`` with the models it may index into (several for a union)."""
+    steps, candidates = [], [schema]
+    for part in loc:
+        steps.append((part, candidates))
+        if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _model_of(field.annotation)
-    if model is None:
-        return []
-    return sorted(model.model_fields)
+        owner = next((m for m in candidates if part in m.model_fields), None)
+        if owner is not None:
+            candidates = _models_in(owner.model_fields[part].annotation)
+        else:  # a discriminated union's tag: keep the member it names
+            candidates = [m for m in candidates if _tag_of(m) == part]
+    steps.append((None, candidates))
+    return steps
 
 
-def _model_of(annotation: Any) -> Any:
-    import typing
+def _without_tags(loc: tuple, schema: type[BaseModel]) -> tuple:
+    """``loc`` without the union tags pydantic inserts (``method.hinton.temperature`` → ``method.temperature``)."""
+    def is_tag(part: Any, candidates: list[type[BaseModel]]) -> bool:
+        return (isinstance(part, str) and not any(part in m.model_fields for m in candidates)
+                and any(_tag_of(m) == part for m in candidates))
 
+    return tuple(part for part, candidates in _walk(loc, schema)[:-1] if not is_tag(part, candidates))
+
+
+def _allowed_keys(loc: tuple, schema: type[BaseModel]) -> list[str]:
+    """The keys allowed at the section holding ``loc``'s last element."""
+    candidates = _walk(loc[:-1], schema)[-1][1]
+    return sorted(candidates[0].model_fields) if candidates else []
+
+
+def _tag_of(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("name")
+    args = typing.get_args(field.annotation) if field is not None else ()
+    return args[0] if field is not None and typing.get_origin(field.annotation) is Literal and len(args) == 1 else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Every pydantic model an annotation names (one for a plain section, each member of a union)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]

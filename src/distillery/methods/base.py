@@ -1,4 +1,4 @@
-"""The interface every distillation method implements, and the frozen-teacher wrapper.
+"""The interface every distillation method implements.
 
 A method is one small ``nn.Module`` (so learnable parts such as a FitNets regressor are trained and
 checkpointed with the student). Each training step it receives the student's and the teacher's
@@ -7,9 +7,8 @@ already weighted; the trainer minimises their sum and logs each term.
 
 In a plain training loop (``loader`` yields inputs, targets and dataset indices):
 
-    method = create_method("hinton", temperature=4, kd_weight=0.9, ce_weight=0.1)
+    method = create_method("hinton", temperature=4, kd_weight=0.5, ce_weight=0.5)
     method.setup(student, teacher, example_inputs)          # checks the pair, builds learnable parts
-    method.prepare(teacher, batch_loader, Path("cache"))    # FSP, FitNets: store teacher targets there
     for inputs, targets, index in loader:
         teacher_out = method.teacher_outputs(teacher, inputs)
         student_out = run_student(student, inputs, method.student_layers)
@@ -17,45 +16,46 @@ In a plain training loop (``loader`` yields inputs, targets and dataset indices)
         sum(terms.values()).backward()
 
 Optimise ``method.parameters()`` together with the student's (FitNets' regressor lives there).
+Methods never run the teacher-output cache themselves: one that can read stored per-example
+teacher targets says so in :meth:`Method.target_request`, and whoever trains it (the trainer, or
+:func:`distillery.stored_targets.serve_targets` in a user loop) hands them to
+:meth:`Method.use_stored_targets`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from distillery.taps import FeatureTaps, check_layer_names
-
-if TYPE_CHECKING:
-    from distillery.data.loader import BatchLoader
+from distillery.taps import check_layer_names
+from distillery.teacher import ModelOutputs, TargetRequest, Teacher, probe_student
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameters: unknown keys are errors."""
+    """Base of every method's parameters: unknown keys are errors, values are frozen.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    :func:`~distillery.methods.registry.register_method` derives each method's own class from the
+    one it declares, adding ``name: Literal["<method>"]``, so a stage's ``method`` section is one
+    discriminated union keyed by ``name`` (:data:`distillery.methods.MethodSpec`).
+    """
 
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    name: str = ""
 
-@dataclass
-class ModelOutputs:
-    """A forward pass: the logits and the tapped features by layer name."""
-
-    logits: Tensor
-    features: dict[str, Tensor] = field(default_factory=dict)
+    def options(self) -> dict[str, Any]:
+        """The parameters without ``name``, as plain values."""
+        return self.model_dump(mode="json", exclude={"name"})
 
 
 class Method(nn.Module):
-    """Base class: set ``name``, ``Params`` and implement :meth:`forward`.
+    """Base class: declare ``Params``, implement :meth:`forward`, register with ``@register_method``.
 
     ``needs_teacher`` says whether a teacher network must be given; ``accepts_ensemble`` whether
     that teacher may be several networks (only methods that combine the members say yes: the
-    others would silently read the first member's features or mix the members' logits).
+    others would silently read the first member's features or mix the members' logits);
+    ``compares_logits`` whether the loss compares logits class by class (counts must agree).
     ``student_layers`` and ``teacher_layers`` name the submodules whose outputs the method reads.
     """
 
@@ -63,11 +63,13 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     needs_teacher: ClassVar[bool] = True
     accepts_ensemble: ClassVar[bool] = False
-    compares_logits: ClassVar[bool] = False  # the loss compares logits class by class: counts must agree
+    compares_logits: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__()
         self.params = params if params is not None else self.Params()
+        if not isinstance(self.params, self.Params):
+            raise TypeError(f"method {self.name!r} takes {self.Params.__name__}, got {type(self.params).__name__}")
         self.student_layers: tuple[str, ...] = ()
         self.teacher_layers: tuple[str, ...] = ()
 
@@ -75,8 +77,8 @@ class Method(nn.Module):
         """Check the pair and build any learnable parts, before training starts.
 
         ``example`` is one input batch (on the training device) for shape inference. The default
-        checks the tapped layer names; methods extend it (and raise ``ValueError`` naming the layers
-        or sizes that do not fit).
+        checks the teacher and the tapped layer names; methods extend it (and raise ``ValueError``
+        naming the layers or sizes that do not fit).
         """
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher")
@@ -92,16 +94,24 @@ class Method(nn.Module):
         if self.compares_logits:
             check_same_classes(student, teacher, example, self.name)
 
-    def prepare(self, teacher: Teacher | None, loader: BatchLoader, cache_dir: Path | None = None, *,
-                run_dir: Path | None = None, max_mb: float | None = None) -> None:
-        """Called once with the stage's training loader before the stage trains; a no-op by default.
+    def target_request(self) -> TargetRequest | None:
+        """The per-example teacher targets this method could read instead of running the teacher
+        (FSP matrices, FitNets hints), or None (the default: the teacher runs every step)."""
+        return None
 
-        Methods that precompute per-example teacher targets (FSP's matrices, FitNets' hints; see
-        :mod:`distillery.methods.stored`) do it here, in ``cache_dir`` (the teacher-output cache
-        folder; None when caching is off), or ``run_dir`` when told explicitly to store, within
-        ``max_mb`` when deciding on their own; they never store for augmented batches (a stored
-        target would not match the input).
-        """
+    def use_stored_targets(self, targets: dict[str, Tensor]) -> None:
+        """Receive the targets of :meth:`target_request` (rows = dataset examples)."""
+        raise NotImplementedError(f"method {self.name!r} reads no stored teacher targets")
+
+    @property
+    def runs_teacher_every_step(self) -> bool:
+        """Whether each training step needs the teacher's forward pass (false for teacher-free
+        methods and for methods reading stored targets)."""
+        return self.needs_teacher
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch (0-based) of the stage's ``epochs``; a no-op by
+        default. Methods with a schedule of their own (a warm-up, a curriculum) follow it here."""
 
     def teacher_outputs(self, teacher: Teacher | None, inputs: Tensor,
                         index: Tensor | None = None) -> ModelOutputs | None:
@@ -111,15 +121,9 @@ class Method(nn.Module):
         call this instead of running the teacher themselves, so a method with stored targets costs
         no teacher forward pass. ``index`` (``Batch.index``) lets a cached teacher serve stored outputs.
         """
-        if teacher is None or not self.needs_teacher or self.uses_stored_targets:
+        if teacher is None or not self.runs_teacher_every_step:
             return None
         return teacher(inputs, self.teacher_layers, index=index)
-
-    @property
-    def uses_stored_targets(self) -> bool:
-        """Whether :meth:`prepare` stored the teacher targets this method reads (FSP matrices, FitNets
-        hints): then :meth:`teacher_outputs` runs no teacher forward pass."""
-        return False
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:
@@ -137,68 +141,6 @@ class Method(nn.Module):
         Two-stage methods (a stage-1 initialisation followed by a main-task stage) override this.
         """
         return [{"method": {"name": cls.name}}]
-
-
-class Teacher:
-    """One or more frozen networks: always in eval mode, never trained, run without grad.
-
-    Not an ``nn.Module`` on purpose: it can never be registered inside the student or a method,
-    so its parameters cannot reach an optimiser or a student checkpoint. An ensemble's members are
-    returned together: ``logits`` is M×N×K for M > 1 members (their features are the first
-    member's) and N×K for a single teacher.
-    """
-
-    def __init__(self, members: nn.Module | Sequence[nn.Module]) -> None:
-        self.members = [members] if isinstance(members, nn.Module) else list(members)
-        if not self.members:
-            raise ValueError("a teacher needs at least one network")
-        for member in self.members:
-            member.eval()
-            member.requires_grad_(False)
-
-    def to(self, device: torch.device | str) -> Teacher:
-        for member in self.members:
-            member.to(device)
-        return self
-
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.members) > 1
-
-    @torch.no_grad()
-    def __call__(self, inputs: Tensor, layers: Sequence[str] = (), index: Tensor | None = None) -> ModelOutputs:
-        """The members' outputs on ``inputs`` (``index``, the batch's dataset indices, is for cached
-        teachers such as :class:`distillery.cache.CachedTeacher` and is not needed here)."""
-        outputs = []
-        for member in self.members:
-            member.eval()  # guard against a caller having switched it back to training mode
-            with FeatureTaps(member, layers, "teacher") as taps:
-                logits = member(inputs)
-            outputs.append(ModelOutputs(logits, dict(taps.features)))
-        if not self.is_ensemble:
-            return outputs[0]
-        return ModelOutputs(torch.stack([o.logits for o in outputs]), outputs[0].features)
-
-
-def run_student(student: nn.Module, inputs: Tensor, layers: Sequence[str] = ()) -> ModelOutputs:
-    """The student's forward pass with its tapped features (with grad)."""
-    with FeatureTaps(student, layers, "student") as taps:
-        logits = student(inputs)
-    return ModelOutputs(logits, dict(taps.features))
-
-
-@torch.no_grad()
-def probe_student(student: nn.Module, example: Tensor, layers: Sequence[str] = ()) -> ModelOutputs:
-    """One student forward pass in eval mode without grad, for shape checks in ``setup``.
-
-    Eval mode leaves batch-norm statistics untouched; the training flag is restored afterwards.
-    """
-    was_training = student.training
-    student.eval()
-    try:
-        return run_student(student, example, layers)
-    finally:
-        student.train(was_training)
 
 
 def check_same_classes(student: nn.Module, teacher: Teacher | None, example: Tensor, method: str) -> None:

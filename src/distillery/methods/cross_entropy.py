@@ -6,12 +6,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.methods.base import Method, ModelOutputs
+from distillery.methods.registry import register_method
 
 
+@register_method("ce")
 class CrossEntropy(Method):
     """L = CE(y, softmax(z_s)). No teacher."""
 
-    name = "ce"
     needs_teacher = False
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,

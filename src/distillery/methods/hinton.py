@@ -8,20 +8,23 @@ from torch import Tensor
 
 from distillery.losses import kd_loss
 from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.registry import register_method
 
 
-class HintonParams(MethodParams):
-    temperature: float = Field(4.0, gt=0, description="T of the softened softmax, shared by both nets")
+class SoftTargetParams(MethodParams):
+    """Parameters of the soft-target methods (hinton, ensemble, tfkd_self)."""
+
+    temperature: float = Field(4.0, gt=0, le=1000, description="T of the softened softmax, shared by teacher and "
+                                                               "student")
     kd_weight: float = Field(0.9, ge=0, le=1, description="weight of the soft term T²·KL(q_t ‖ q_s) (Hinton's α)")
     ce_weight: float = Field(0.1, ge=0, le=1, description="weight of the hard-label cross-entropy (1 − α)")
 
 
+@register_method("hinton")
 class HintonKD(Method):
     """L = ce_weight · CE(y, softmax(z_s)) + kd_weight · T² · KL(q_t(T) ‖ q_s(T))."""
 
-    name = "hinton"
-    Params = HintonParams
-
+    Params = SoftTargetParams
     compares_logits = True
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
@@ -32,4 +35,3 @@ class HintonKD(Method):
             "ce": p.ce_weight * F.cross_entropy(student.logits.float(), targets),
             "kd": p.kd_weight * kd_loss(student.logits, teacher.logits, p.temperature),
         }
-

@@ -8,19 +8,20 @@ from torch import Tensor
 
 from distillery.losses import label_smoothing_targets
 from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.registry import register_method
 
 
 class LabelSmoothingParams(MethodParams):
     smoothing: float = Field(0.1, ge=0, le=1, description="ε: the weight of the uniform distribution in the target")
 
 
+@register_method("label_smoothing")
 class LabelSmoothing(Method):
     """L = CE(q', softmax(z_s)) with q'(k) = (1 − ε)·onehot(y)_k + ε/K. No teacher.
 
     Yuan et al. read KD at T = 1 as this with the uniform u replaced by the teacher's p_t.
     """
 
-    name = "label_smoothing"
     Params = LabelSmoothingParams
     needs_teacher = False
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from distillery.losses import logit_matching_loss
 from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.registry import register_method
 
 
 class LogitParams(MethodParams):
@@ -17,6 +18,7 @@ class LogitParams(MethodParams):
                                                     "the teacher's logits only)")
 
 
+@register_method("logits")
 class LogitMatching(Method):
     """L = logit_weight · ½·(1/K)·Σ_i (z_s,i − z_t,i)² + ce_weight · CE(y, softmax(z_s)), averaged over examples.
 
@@ -24,7 +26,6 @@ class LogitMatching(Method):
     gradient (z_s − z_t)/K, so ``logit_weight`` means what ``kd_weight`` means there.
     """
 
-    name = "logits"
     Params = LogitParams
 
     compares_logits = True

@@ -8,10 +8,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distillery.losses import soft_target_loss, soften, virtual_teacher_probs
-from distillery.methods.base import Method, MethodParams, ModelOutputs, Teacher
-from distillery.methods.hinton import HintonKD
+from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.hinton import HintonKD, SoftTargetParams
+from distillery.methods.registry import register_method
+from distillery.teacher import Teacher
 
 
+@register_method("tfkd_self")
 class TfKDSelf(HintonKD):
     """Tf-KD_self: Hinton KD whose teacher is a trained copy of the student's own architecture.
 
@@ -20,7 +23,8 @@ class TfKDSelf(HintonKD):
     teaches k + 1) are run by ``distillery distill --method tfkd_self --generations N``.
     """
 
-    name = "tfkd_self"
+    Params = SoftTargetParams
+
 
     def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
         super().setup(student, teacher, example)
@@ -48,6 +52,7 @@ class TfKDRegParams(MethodParams):
     ce_weight: float = Field(0.9, ge=0, description="weight of the hard-label cross-entropy (1 − α)")
 
 
+@register_method("tfkd_reg")
 class TfKDReg(Method):
     """Tf-KD_reg: KD from a virtual teacher, no teacher network.
 
@@ -58,7 +63,6 @@ class TfKDReg(Method):
     this keeps the documented KD form and its T²-scaled gradient.)
     """
 
-    name = "tfkd_reg"
     Params = TfKDRegParams
     needs_teacher = False
 

@@ -6,6 +6,7 @@ Python API, or name a factory as ``"package.module:callable"`` in a config.
 """
 
 from distillery.models import cnn, mlp, resnet  # noqa: F401  (registers the built-in models)
+from distillery.models.catalogue import describe_models
 from distillery.models.registry import create_model, list_models, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "describe_models", "list_models", "register_model"]

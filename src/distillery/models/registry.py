@@ -74,3 +74,10 @@ def _load_callable(spec: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ValueError(f"model {spec!r} is not callable")
     return factory
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The factory registered as ``name`` (for listing its options)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _MODELS[name]

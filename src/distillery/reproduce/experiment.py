@@ -21,7 +21,15 @@ import torch
 
 from distillery.config import ConfigError
 from distillery.reproduce.report import Claim, Row, build_rows, plot_differences, plot_settings, write_markdown
-from distillery.reproduce.runs import Runner, RunSpec, estimate_seconds, format_minutes, plan_table, run_status
+from distillery.reproduce.runs import (
+    ExperimentRunner,
+    RunSpec,
+    estimate_seconds,
+    format_minutes,
+    plan_table,
+    run_status,
+)
+from distillery.runner import default_folder
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class Experiment:
     title: str
     budgets: Mapping[str, Any]
     plan: Callable[[Any, int, Env], dict[str, RunSpec]]
-    measure: Callable[[Any, dict[str, RunSpec], Runner], Measured]
+    measure: Callable[[Any, dict[str, RunSpec], ExperimentRunner], Measured]
     claims: Callable[[Any], list[Claim]]
     header: Callable[[Any], list[str]]
     finish: Callable[[Any, dict[int, Measured], list[Row], Path], tuple[list[Path], list[tuple[str, str]]]]
@@ -99,15 +107,7 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
     out = Path(out)
     seed_list = list(range(seeds))
     plans, specs = plan_runs(experiment, budget, seed_list, env)
-    estimates = {s.key: estimate_seconds(s, s.data.train_size or 60000, s.data.test_size or 10000, budget.pixels)
-                 for s in specs}
-    todo = [s for s in specs if run_status(s, out) != "done"]
-    total = None if any(estimates[s.key] is None for s in specs) else sum(estimates[s.key] for s in specs)
-    remaining = None if any(estimates[s.key] is None for s in todo) else sum(estimates[s.key] for s in todo)
-    echo(f"{experiment.title} — budget {budget_name}, {seeds} seed(s): {len(specs)} runs "
-         f"({len(specs) - len(todo)} already done). Estimated {format_minutes(remaining)} min to go "
-         f"({format_minutes(total)} min for all runs; one CPU thread, from measured per-image costs; "
-         "a GPU is far faster). Output: " + str(out))
+    estimates, total = _announce(experiment, budget, budget_name, specs, out, echo)
     result = Result(out, specs, total, {"trained": 0, "reused": 0})
     if dry_run:
         echo(plan_table(specs, out, estimates))
@@ -115,9 +115,9 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(out, progress=progress, echo=echo)
+    runner = ExperimentRunner(out, progress=progress, echo=echo)
     for spec in specs:
-        runner.result(spec)
+        runner.train(spec)
     measured = {seed: experiment.measure(budget, plans[seed], runner) for seed in seed_list}
     values: dict[str, list[float]] = {}
     for seed in seed_list:
@@ -127,7 +127,7 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
     plots = [plot_settings(values, out / "settings.png", f"{experiment.name}: every setting (mean ± std; dots: seeds)"),
              plot_differences(rows, out / "differences.png", f"{experiment.name}: differences to the baselines")]
     extra_plots, sections = experiment.finish(budget, measured, rows, out)
-    logged = sum(r.get("seconds", 0.0) for s in specs for r in runner.result(s).history)
+    logged = sum(r.get("seconds", 0.0) for s in specs for r in runner.train(s).history)
     header = [*experiment.header(budget),
               f"Seeds: {', '.join(map(str, seed_list))} (a seed fixes the training subset, the initial weights and "
               "the batch order of every run of that seed).",
@@ -146,13 +146,29 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
         "rows": [{"setting": r.claim.setting, "baseline": r.claim.baseline, "mean": r.mean, "std": r.std, "n": r.n,
                   "diff": None if r.diff is None else {"mean": r.diff.mean, "low": r.diff.low, "high": r.diff.high},
                   "paper": r.claim.paper, "reproduced": r.reproduced} for r in rows],
-        "runs": {s.key: {"label": s.label, "seed": s.seed, "dir": str(s.run_dir(out).relative_to(out))}
+        "runs": {s.key: {"label": s.label, "seed": s.seed, "dir": str(default_folder(out)(s).relative_to(out))}
                  for s in specs},
     }, indent=2, default=str))
     result.counts = dict(runner.counts)
     result.rows, result.values, result.report, result.plots = rows, values, report, [*plots, *extra_plots]
     echo(f"report: {report}")
     return result
+
+
+def _announce(experiment: Experiment, budget: Any, budget_name: str, specs: list[RunSpec], out: Path,
+              echo: Callable[[str], None]) -> tuple[dict[str, float | None], float | None]:
+    """Print the plan's size and estimated minutes; return each run's estimate and their total."""
+    estimates = {s.key: estimate_seconds(s, s.data.train_size or 60000, s.data.test_size or 10000, budget.pixels)
+                 for s in specs}
+    todo = [s for s in specs if run_status(s, out) != "done"]
+    total = None if any(estimates[s.key] is None for s in specs) else sum(estimates[s.key] for s in specs)
+    remaining = None if any(estimates[s.key] is None for s in todo) else sum(estimates[s.key] for s in todo)
+    seeds = len({s.seed for s in specs})
+    echo(f"{experiment.title} — budget {budget_name}, {seeds} seed(s): {len(specs)} runs "
+         f"({len(specs) - len(todo)} already done). Estimated {format_minutes(remaining)} min to go "
+         f"({format_minutes(total)} min for all runs; one CPU thread, from measured per-image costs; "
+         "a GPU is far faster). Output: " + str(out))
+    return estimates, total
 
 
 def _plain(value: Any) -> Any:

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillery.methods.fsp import STAGE1_OPTIMIZER
+from distillery.methods.features import STAGE1_OPTIMIZER
 from distillery.reproduce.experiment import Env, Experiment, Measured
 from distillery.reproduce.report import Claim, Row, plot_curves
-from distillery.reproduce.runs import DataSpec, Runner, RunSpec, Stage, TeacherRef, model_text
+from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, model_text, run_spec, stage
+from distillery.spec import StageSpec
 from distillery.train import evaluate_ensemble, resolve_device
 
 
@@ -71,11 +72,11 @@ def _train(budget: FSPBudget, epochs: int, augment: bool = True, optimizer: dict
             "augment": budget.augment if augment else {"crop_padding": 0, "hflip": False}}
 
 
-def _stage1(budget: FSPBudget, method: str, params: dict[str, Any]) -> Stage:
-    return Stage(method, params, _train(budget, budget.stage1_epochs, augment=False, optimizer=STAGE1_OPTIMIZER))
+def _stage1(budget: FSPBudget, method: str, params: dict[str, Any]) -> StageSpec:
+    return stage(method, params, _train(budget, budget.stage1_epochs, augment=False, optimizer=STAGE1_OPTIMIZER))
 
 
-def _fsp(budget: FSPBudget, shuffle_seed: int | None = None) -> Stage:
+def _fsp(budget: FSPBudget, shuffle_seed: int | None = None) -> StageSpec:
     return _stage1(budget, "fsp", {"store_teacher": budget.store_teacher, "shuffle_seed": shuffle_seed})
 
 
@@ -94,28 +95,28 @@ def plan(budget: FSPBudget, seed: int, env: Env) -> dict[str, RunSpec]:
     data = DataSpec(budget.dataset, env.data_root, budget.train_size, 0, budget.test_size, seed)
     big, small = budget.teacher, budget.student
 
-    def run(label: str, model: dict, stages: tuple[Stage, ...], teachers: tuple[TeacherRef, ...] = (),
+    def run(label: str, model: dict, stages: tuple[StageSpec, ...], teachers: tuple[TeacherRef, ...] = (),
             run_seed: int = seed) -> RunSpec:
-        return RunSpec(label, model, stages, data, run_seed, teachers, device=env.device)
+        return run_spec(label, model, stages, data, run_seed, teachers, device=env.device)
 
     full, third = _train(budget, budget.teacher_epochs), _train(budget, budget.fast_epochs)
-    teacher = run("teacher", big, (Stage("ce", {}, full),))
+    teacher = run("teacher", big, (stage("ce", {}, full),))
     t = (TeacherRef(teacher),)
     runs = {"teacher": teacher,
-            "fast FSP": run("FSP student (same size)", big, (_fsp(budget), Stage("ce", {}, third)), t),
-            "fast alone": run("same net alone, third", big, (Stage("ce", {}, third),))}
+            "fast FSP": run("FSP student (same size)", big, (_fsp(budget), stage("ce", {}, third)), t),
+            "fast alone": run("same net alone, third", big, (stage("ce", {}, third),))}
     for m in range(1, budget.ensemble_size):
         runs[f"independent {m + 1}"] = run("teacher (extra, for the independent ensemble)", big,
-                                           (Stage("ce", {}, full),), run_seed=seed + 1000 * m)
+                                           (stage("ce", {}, full),), run_seed=seed + 1000 * m)
     for k in range(1, budget.ensemble_size + 1):
-        runs[f"shuffled {k}"] = run(f"FSP student shuffled {k}", big, (_fsp(budget, k), Stage("ce", {}, third)), t,
+        runs[f"shuffled {k}"] = run(f"FSP student shuffled {k}", big, (_fsp(budget, k), stage("ce", {}, third)), t,
                                     run_seed=seed + 1000 * (k - 1))
     small_train = _train(budget, budget.small_epochs)
-    runs["small alone"] = run("small net alone", small, (Stage("ce", {}, small_train),))
+    runs["small alone"] = run("small net alone", small, (stage("ce", {}, small_train),))
     runs["small fitnets"] = run("small net FitNets", small, (
         _stage1(budget, "fitnets", {"student_layer": "stage2", "teacher_layer": "stage2", "hint_weight": 1.0}),
-        Stage("hinton", {"temperature": 3.0, "kd_weight": 0.9, "ce_weight": 0.1}, small_train)), t)
-    runs["small fsp"] = run("small net FSP", small, (_fsp(budget), Stage("ce", {}, small_train)), t)
+        stage("hinton", {"temperature": 3.0, "kd_weight": 0.9, "ce_weight": 0.1}, small_train)), t)
+    runs["small fsp"] = run("small net FSP", small, (_fsp(budget), stage("ce", {}, small_train)), t)
     return runs
 
 
@@ -130,7 +131,7 @@ def curve(history: list[dict[str, Any]], steps: int, stage1_steps: int = 0) -> l
     return [(stage1_steps + k * steps, 100 * r["test_accuracy"]) for k, r in enumerate(main, start=1)]
 
 
-def measure(budget: FSPBudget, runs: dict[str, RunSpec], runner: Runner) -> Measured:
+def measure(budget: FSPBudget, runs: dict[str, RunSpec], runner: ExperimentRunner) -> Measured:
     device = resolve_device(runs["teacher"].device)
     test = runner.data.test(runs["teacher"].data)
     values = {TEACHER: runner.accuracy(runs["teacher"]), FAST: runner.accuracy(runs["fast FSP"]),
@@ -142,16 +143,16 @@ def measure(budget: FSPBudget, runs: dict[str, RunSpec], runner: Runner) -> Meas
     shuffled = [runs[f"shuffled {k}"] for k in range(1, budget.ensemble_size + 1)]
     groups = {}
     for name, members in ((shuffled_name, shuffled), (independent_name, independent)):
-        result = evaluate_ensemble([runner.result(m).model for m in members], test, device=device)
+        result = evaluate_ensemble([runner.train(m).model for m in members], test, device=device)
         values[name] = 100 * result["ensemble"]["accuracy"]
         groups[name] = [100 * r["accuracy"] for r in result["members"]]
     n_train = len(runner.data.train_val(runs["teacher"].data)[0])
     steps = steps_per_epoch(budget, n_train)
     stage1 = budget.stage1_epochs * steps
-    curves = {"teacher (trained alone)": curve(runner.result(runs["teacher"]).history, steps),
+    curves = {"teacher (trained alone)": curve(runner.train(runs["teacher"]).history, steps),
               "FSP student (stage 2; shifted by stage-1 iterations)":
-                  curve(runner.result(runs["fast FSP"]).history, steps, stage1),
-              "same net alone, 1/3 schedule": curve(runner.result(runs["fast alone"]).history, steps)}
+                  curve(runner.train(runs["fast FSP"]).history, steps, stage1),
+              "same net alone, 1/3 schedule": curve(runner.train(runs["fast alone"]).history, steps)}
     return Measured(values, {"curves": curves, "ensemble_members": groups, "steps_per_epoch": steps})
 
 

@@ -27,7 +27,7 @@ import torch
 from distillery.data import BatchLoader, ImageDataset
 from distillery.reproduce.experiment import Env, Experiment, Measured
 from distillery.reproduce.report import Claim, Row, plot_lines, plot_settings
-from distillery.reproduce.runs import DataSpec, Runner, RunSpec, Stage, TeacherRef, model_text
+from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, model_text, run_spec, stage
 from distillery.train import evaluate_ensemble, resolve_device
 
 
@@ -95,27 +95,27 @@ def distilled(temperature: float) -> str:
 def plan(budget: HintonBudget, seed: int, env: Env) -> dict[str, RunSpec]:
     data = DataSpec(budget.dataset, env.data_root, budget.train_size, budget.val_size, budget.test_size, seed)
     teacher_model, student_model = budget.teacher, budget.student
-    teacher_stage = (Stage("ce", {}, _train(budget, budget.teacher_epochs, budget.jitter)),)
+    teacher_stage = (stage("ce", {}, _train(budget, budget.teacher_epochs, budget.jitter)),)
     student_train = _train(budget, budget.student_epochs, grad_clip=budget.student_grad_clip)
-    members = [RunSpec("teacher" if m == 0 else "teacher (extra ensemble member)", teacher_model, teacher_stage,
+    members = [run_spec("teacher" if m == 0 else "teacher (extra ensemble member)", teacher_model, teacher_stage,
                        data, seed + 1000 * m, device=env.device) for m in range(budget.ensemble_size)]
     teacher = members[0]
-    runs = {"teacher": teacher, "student alone": RunSpec("student alone", student_model,
-                                                         (Stage("ce", {}, student_train),), data, seed,
+    runs = {"teacher": teacher, "student alone": run_spec("student alone", student_model,
+                                                         (stage("ce", {}, student_train),), data, seed,
                                                          device=env.device)}
     for k, member in enumerate(members[1:], start=2):
         runs[f"ensemble member {k}"] = member
     for t in budget.temperatures:
-        runs[distilled(t)] = RunSpec(distilled(t), student_model, (Stage("hinton", _kd(t), student_train),),
+        runs[distilled(t)] = run_spec(distilled(t), student_model, (stage("hinton", _kd(t), student_train),),
                                      data, seed, (TeacherRef(teacher),), device=env.device)
-    runs["ensemble distilled"] = RunSpec(
+    runs["ensemble distilled"] = run_spec(
         f"distilled from ensemble T={budget.ensemble_temperature:g}", student_model,
-        (Stage("ensemble", _kd(budget.ensemble_temperature), student_train),), data, seed,
+        (stage("ensemble", _kd(budget.ensemble_temperature), student_train),), data, seed,
         tuple(TeacherRef(m) for m in members), device=env.device)
     omitted = DataSpec(budget.dataset, env.data_root, budget.train_size, budget.val_size, budget.test_size, seed,
                        omit_classes=(budget.omitted_class,))
-    runs["omitted"] = RunSpec(f"distilled T={budget.omitted_temperature:g} without class {budget.omitted_class}",
-                              student_model, (Stage("hinton", _kd(budget.omitted_temperature),
+    runs["omitted"] = run_spec(f"distilled T={budget.omitted_temperature:g} without class {budget.omitted_class}",
+                              student_model, (stage("hinton", _kd(budget.omitted_temperature),
                                                     student_train),),
                               omitted, seed, (TeacherRef(teacher),), device=env.device)
     return runs
@@ -156,14 +156,14 @@ def choose_bias(logits: torch.Tensor, labels: torch.Tensor, cls: int, step: floa
     return float(grid[int(torch.nonzero(correct == correct.max())[0])])
 
 
-def measure(budget: HintonBudget, runs: dict[str, RunSpec], runner: Runner) -> Measured:
+def measure(budget: HintonBudget, runs: dict[str, RunSpec], runner: ExperimentRunner) -> Measured:
     values = {"teacher": runner.accuracy(runs["teacher"]), "student alone": runner.accuracy(runs["student alone"])}
     for t in budget.temperatures:
         values[distilled(t)] = runner.accuracy(runs[distilled(t)])
     members = [runs["teacher"], *[runs[f"ensemble member {k}"] for k in range(2, budget.ensemble_size + 1)]]
     test = runner.data.test(runs["teacher"].data)
     device = resolve_device(runs["teacher"].device)
-    ensemble = evaluate_ensemble([runner.result(m).model for m in members], test, device=device)
+    ensemble = evaluate_ensemble([runner.train(m).model for m in members], test, device=device)
     values[f"ensemble of {budget.ensemble_size} teachers"] = 100 * ensemble["ensemble"]["accuracy"]
     values[f"distilled from the ensemble (T={budget.ensemble_temperature:g})"] = runner.accuracy(
         runs["ensemble distilled"])
@@ -171,12 +171,12 @@ def measure(budget: HintonBudget, runs: dict[str, RunSpec], runner: Runner) -> M
     c = budget.omitted_class
     _, val = runner.data.train_val(runs["omitted"].data)
     assert val is not None, "the omitted-class test needs a validation slice (val_size > 0)"
-    model = runner.result(runs["omitted"]).model
+    model = runner.train(runs["omitted"]).model
     bias = choose_bias(*logits_of(model, val, device), c)
     test_logits, test_labels = logits_of(model, test, device)
     overall_before, class_before = accuracy_with_bias(test_logits, test_labels, c, 0.0)
     overall_after, class_after = accuracy_with_bias(test_logits, test_labels, c, bias)
-    alone_logits, _ = logits_of(runner.result(runs["student alone"]).model, test, device)
+    alone_logits, _ = logits_of(runner.train(runs["student alone"]).model, test, device)
     values[f"student alone: class-{c} accuracy"] = accuracy_with_bias(alone_logits, test_labels, c, 0.0)[1]
     values[f"omit {c}: class-{c} accuracy, uncorrected"] = class_before
     values[f"omit {c}: class-{c} accuracy, bias-corrected"] = class_after

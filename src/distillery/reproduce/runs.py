@@ -1,165 +1,56 @@
-"""Runs of a reproduction: what each network is trained from, where it lives, and what it costs.
+"""Runs of a reproduction: how an experiment names its runs, where they live, and what they cost.
 
-A :class:`RunSpec` is everything that determines one trained network: model, stages (method,
-parameters, training settings), data (which subset, which classes left out), seed, and the runs
-(or early snapshots of runs) that teach it. Its :attr:`RunSpec.key` hashes all of that, teachers
-included through their own keys, and names its folder: ``<out>/runs/<role>-<key>/<role>/``. So a
-finished run is found and reused by any later invocation that asks for the same network, and an
-unfinished one continues from its checkpoint (``pipeline.train_model`` with ``resume``).
+Experiments describe each network as a :class:`~distillery.spec.RunSpec` (:func:`run_spec` and
+:func:`stage` build them from plain names and settings) and train them with an
+:class:`ExperimentRunner`, the package's :class:`~distillery.runner.Runner` with every run in
+``<out>/runs/<label>-s<seed>-<key>/<label>-s<seed>/`` and continued or reused across invocations.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from distillery.config import DataConfig, ModelConfig, RunConfig, TrainConfig, fingerprint
-from distillery.data import ImageDataset, load_idx_dataset
-from distillery.methods import Teacher, method_class
-from distillery.pipeline import TrainedModel, load_trained_model, train_model
+from distillery.config import ModelConfig, TrainConfig
+from distillery.methods import create_method, parse_method_spec
+from distillery.runner import Runner, TrainedModel, default_folder
+from distillery.spec import DataSpec, RunSpec, StageSpec, TeacherRef
 from distillery.train import evaluate, load_checkpoint, resolve_device
-from distillery.train.loop import CHECKPOINT_NAME, snapshot_path
+from distillery.train.loop import CHECKPOINT_NAME
 
-# ------------------------------------------------------------------ specs
+__all__ = ["DataSpec", "ExperimentRunner", "RunSpec", "TeacherRef", "run_spec", "stage"]
 
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Which data a run sees.
-
-    The training subset is the first ``train_size`` examples of a permutation of the training split
-    drawn with ``split_seed`` (each seed of an experiment gets its own subset; all settings of one
-    seed share it); the next ``val_size`` examples are held out for validation. The test subset
-    (``test_size``, None = all) is drawn with seed 0, the same for every seed. ``omit_classes`` are
-    removed from the training subset (Hinton's omitted-class transfer set).
-    """
-
-    dataset: str = "fashion_mnist"
-    root: str | None = None
-    train_size: int | None = None
-    val_size: int = 0
-    test_size: int | None = None
-    split_seed: int = 0
-    omit_classes: tuple[int, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "root": self.root, "train_size": self.train_size, "val_size": self.val_size,
-                "test_size": self.test_size, "split_seed": self.split_seed, "omit_classes": list(self.omit_classes)}
+# ------------------------------------------------------------------ building specs
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage of a run: a registered method, its parameters, the training settings (a TrainConfig dict)."""
-
-    method: str
-    params: dict[str, Any]
-    train: dict[str, Any]
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig.model_validate(self.train)
+def stage(method: str, params: dict[str, Any], train: dict[str, Any]) -> StageSpec:
+    """A stage from a method name, its parameters and a TrainConfig mapping (validated here)."""
+    return StageSpec(parse_method_spec({"name": method, **params}), TrainConfig.model_validate(train))
 
 
-@dataclass(frozen=True)
-class TeacherRef:
-    """A teaching network: the finished ``run``, or its weights after ``snapshot`` epochs (if given)."""
+def run_spec(label: str, model: dict[str, Any], stages: Sequence[StageSpec], data: DataSpec, seed: int,
+             teachers: Sequence[TeacherRef] = (), *, snapshots: Sequence[float] = (), device: str = "cpu",
+             cache: str | None = None) -> RunSpec:
+    """A run of an experiment: ``model`` is a ModelConfig mapping (``{"name": "resnet8"}``)."""
+    from distillery.spec import CacheSpec
 
-    run: RunSpec
-    snapshot: float | None = None
-
-    @property
-    def key(self) -> str:
-        return self.run.key if self.snapshot is None else f"{self.run.key}@{self.snapshot:g}"
+    return RunSpec(label, ModelConfig.model_validate(model), tuple(stages), data, seed, tuple(teachers),
+                   tuple(snapshots), device=device, cache=CacheSpec(cache))
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One network to train; ``label`` is for people, everything else goes into :attr:`key`."""
-
-    label: str
-    model: dict[str, Any]
-    stages: tuple[Stage, ...]
-    data: DataSpec
-    seed: int
-    teachers: tuple[TeacherRef, ...] = ()
-    snapshots: tuple[float, ...] = ()
-    device: str = field(default="cpu", compare=False)
-
-    @property
-    def key(self) -> str:
-        return fingerprint({
-            "model": ModelConfig.model_validate(self.model).model_dump(mode="json"),
-            "stages": [[s.method, s.params, s.train_config().key_fields()] for s in self.stages],
-            "data": self.data.as_dict(), "seed": self.seed, "teachers": [t.key for t in self.teachers],
-            "snapshots": list(self.snapshots),
-        })
-
-    @property
-    def role(self) -> str:
-        """A folder-safe form of the label, with the seed."""
-        slug = re.sub(r"[^A-Za-z0-9.=]+", "_", self.label).strip("_").lower()
-        return f"{slug}-s{self.seed}"
-
-    def run_dir(self, out: Path) -> Path:
-        return runs_root(out) / f"{self.role}-{self.key}" / self.role
-
-    def describe_stages(self) -> str:
-        return " → ".join(f"{s.method}×{s.train.get('epochs', '?')}ep" for s in self.stages)
-
-
-def model_text(spec: dict[str, Any]) -> str:
+def model_text(spec: ModelConfig | dict[str, Any]) -> str:
     """``resnet8`` or ``mlp(hidden=[800, 800])``: a model spec for reports."""
-    args = ", ".join(f"{k}={v}" for k, v in spec.get("kwargs", {}).items())
-    return f"{spec['name']}({args})" if args else spec["name"]
+    spec = ModelConfig.model_validate(spec) if isinstance(spec, dict) else spec
+    args = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
+    return f"{spec.name}({args})" if args else spec.name
 
 
 def runs_root(out: Path) -> Path:
     return Path(out) / "runs"
-
-
-# ------------------------------------------------------------------ data
-
-
-def _take(data: ImageDataset, index: torch.Tensor) -> ImageDataset:
-    return ImageDataset(data.images[index], data.labels[index], data.mean, data.std, data.num_classes)
-
-
-class DataStore:
-    """Loads each split once and cuts the subsets :class:`DataSpec` describes."""
-
-    def __init__(self) -> None:
-        self._splits: dict[tuple[str, str | None, str], ImageDataset] = {}
-
-    def split(self, spec: DataSpec, name: str) -> ImageDataset:
-        key = (spec.dataset, spec.root, name)
-        if key not in self._splits:
-            self._splits[key] = load_idx_dataset(spec.dataset, name, spec.root)
-        return self._splits[key]
-
-    def train_val(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None]:
-        full = self.split(spec, "train")
-        n = len(full) if spec.train_size is None else spec.train_size
-        if n + spec.val_size > len(full):
-            raise ValueError(f"{spec.dataset}: {n} training + {spec.val_size} validation examples asked for, "
-                             f"but the training split holds {len(full)}")
-        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(spec.split_seed))
-        train = _take(full, perm[:n])
-        val = _take(full, perm[n:n + spec.val_size]) if spec.val_size else None
-        if spec.omit_classes:
-            train = train.without_classes(spec.omit_classes)
-        return train, val
-
-    def test(self, spec: DataSpec) -> ImageDataset:
-        return self.split(spec, "test").subset(spec.test_size, seed=0)
-
-    def pair(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
-        return self.train_val(spec)[0], self.test(spec)
 
 
 # ------------------------------------------------------------------ running
@@ -167,7 +58,7 @@ class DataStore:
 
 def run_status(spec: RunSpec, out: Path) -> str:
     """'done' (a finished checkpoint), 'partial' (an unfinished one) or 'todo'."""
-    path = spec.run_dir(out) / CHECKPOINT_NAME
+    path = default_folder(Path(out))(spec) / CHECKPOINT_NAME
     if not path.exists():
         return "todo"
     try:
@@ -176,65 +67,36 @@ def run_status(spec: RunSpec, out: Path) -> str:
         return "partial"
 
 
-class Runner:
-    """Trains (or reuses) runs under ``out`` and hands back their networks; counts what it did."""
+class ExperimentRunner(Runner):
+    """The runner of one experiment's output folder: runs placed by key, continued when unfinished,
+    the teacher-output cache in ``<out>/cache``; plus the measurements experiments take of runs."""
 
-    def __init__(self, out: str | Path, *, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> None:
+    def __init__(self, out: str | Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> None:
+        super().__init__(resume=True, overwrite=True, progress=progress, echo=echo,
+                         folder_for=default_folder(Path(out)))
         self.out = Path(out)
-        self.progress = progress
-        self.echo = echo
-        self.data = DataStore()
-        self.counts = {"trained": 0, "reused": 0}
-        self._done: dict[str, TrainedModel] = {}
 
-    def result(self, spec: RunSpec) -> TrainedModel:
-        """The trained network of ``spec``: from memory, from its finished folder, or trained now."""
-        if spec.key in self._done:
-            return self._done[spec.key]
-        teachers = [self.teacher_model(ref) for ref in spec.teachers]
-        status = run_status(spec, self.out)
-        self.counts["reused" if status == "done" else "trained"] += 1
-        if status != "done":
-            self.echo(f"[reproduce] {'continuing' if status == 'partial' else 'training'} {spec.label} "
-                      f"(seed {spec.seed}): {spec.describe_stages()}")
-        config = RunConfig.model_validate({
-            "name": spec.run_dir(self.out).parent.name, "output_dir": str(runs_root(self.out)), "seed": spec.seed,
-            "device": spec.device,
-            "data": DataConfig(dataset=spec.data.dataset, root=spec.data.root, train_subset=spec.data.train_size,
-                               test_subset=spec.data.test_size).model_dump(),
-            "teacher": {"model": spec.model}, "student": {"model": spec.model},
-        })
-        stages = [(s.method, s.params, s.train_config()) for s in spec.stages]
-        trained = train_model(
-            config, spec.role, ModelConfig.model_validate(spec.model), stages, self.data.pair(spec.data),
-            teacher=Teacher(teachers) if teachers else None,
-            teacher_key=fingerprint({"teachers": [t.key for t in spec.teachers]}) if teachers else "",
-            teacher_cache=self.out / "cache", resume=True, overwrite=True, progress=self.progress,
-            snapshot_epochs=spec.snapshots,
-        )
-        self._done[spec.key] = trained
-        return trained
+    def train(self, spec: RunSpec) -> TrainedModel:
+        from dataclasses import replace
 
-    def teacher_model(self, ref: TeacherRef) -> nn.Module:
-        """The network of a teacher reference (trained first if needed), in eval mode."""
-        trained = self.result(ref.run)
-        if ref.snapshot is None:
-            return trained.model
-        path = snapshot_path(trained.run_dir, ref.snapshot)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: the snapshot after {ref.snapshot:g} epochs of {ref.run.label} is "
-                                    f"missing; delete {trained.run_dir} to train that run again")
-        model, _ = load_trained_model(path, ModelConfig.model_validate(ref.run.model), self.data.test(ref.run.data))
-        return model.to(resolve_device(ref.run.device)).eval()
+        from distillery.spec import CacheSpec
+
+        if spec.cache.folder is None:
+            spec = replace(spec, cache=CacheSpec(str(self.out / "cache"), spec.cache.max_mb))
+        return super().train(spec)
 
     def accuracy(self, spec: RunSpec) -> float:
         """Test accuracy (%) at the end of the run's training (its last logged evaluation)."""
-        return 100 * self.result(spec).history[-1]["test_accuracy"]
+        return 100 * self.train(spec).test_accuracy
 
     def evaluate_model(self, model: nn.Module, spec: RunSpec) -> float:
         """Test accuracy (%) of any network on ``spec``'s test set."""
         return 100 * evaluate(model, self.data.test(spec.data), device=resolve_device(spec.device))["accuracy"]
+
+    def snapshot_model(self, ref: TeacherRef) -> nn.Module:
+        """A teaching run's network (or its snapshot), sized by that run's own data."""
+        assert ref.run is not None
+        return self.teacher_model(ref, self.data.train_val(ref.run.data)[0])
 
 
 # ------------------------------------------------------------------ cost estimates
@@ -260,16 +122,16 @@ MS_PER_IMAGE: dict[str, tuple[float, float]] = {
 RUN_OVERHEAD = 1.25
 
 
-def cost_key(model: dict[str, Any]) -> str:
-    kwargs = model.get("kwargs", {})
-    if model["name"] == "mlp":
+def cost_key(model: ModelConfig) -> str:
+    kwargs = model.kwargs
+    if model.name == "mlp":
         return f"mlp{list(kwargs.get('hidden', (800, 800)))}"
-    if model["name"] == "cnn":
+    if model.name == "cnn":
         return f"cnn{kwargs.get('width', 16)}"
-    return model["name"]
+    return model.name
 
 
-def model_cost(model: dict[str, Any], pixels: int = 28 * 28) -> tuple[float, float] | None:
+def model_cost(model: ModelConfig, pixels: int = 28 * 28) -> tuple[float, float] | None:
     """(train, forward) ms per image for ``model``, scaled from 28×28 by pixel count; None if unknown."""
     found = MS_PER_IMAGE.get(cost_key(model))
     if found is None:
@@ -287,16 +149,15 @@ def estimate_seconds(spec: RunSpec, n_train: int, n_test: int, pixels: int = 28 
         return None
     teacher_forward = sum(t[1] for t in teachers if t is not None)
     ms = 0.0
-    for stage in spec.stages:
-        train = stage.train_config()
-        cls = method_class(stage.method)
-        on_the_fly = cls.needs_teacher and teacher_forward and (
-            train.augment.crop_padding > 0 or train.augment.hflip or stage.method in ("fsp", "fitnets"))
-        if stage.method == "fsp" and stage.params.get("store_teacher"):
-            on_the_fly = False
+    for item in spec.stages:
+        train, method = item.train, create_method(item.method)
+        # the logit cache serves un-augmented stages; feature targets are stored only when asked to
+        stored = item.method.model_dump().get("store_teacher") is True
+        on_the_fly = method.needs_teacher and teacher_forward and not stored and (
+            train.augment.crop_padding > 0 or train.augment.hflip or bool(method.teacher_layers))
         per_image = own[0] + (teacher_forward if on_the_fly else 0.0)
         ms += train.epochs * n_train * per_image
-        if cls.needs_teacher and not on_the_fly:
+        if method.needs_teacher and not on_the_fly:
             ms += n_train * teacher_forward  # the cache or the stored matrices, once
         ms += train.epochs * n_test * own[1]
     return RUN_OVERHEAD * ms / 1000

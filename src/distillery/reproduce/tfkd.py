@@ -23,7 +23,7 @@ from typing import Any
 
 from distillery.reproduce.experiment import Env, Experiment, Measured
 from distillery.reproduce.report import Claim, Row
-from distillery.reproduce.runs import DataSpec, Runner, RunSpec, Stage, TeacherRef, model_text
+from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, model_text, run_spec, stage
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,15 @@ def plan(budget: TfKDBudget, seed: int, env: Env) -> dict[str, RunSpec]:
     s_train = _train(budget, budget.student_epochs, budget.student_augment)
 
     def student(label: str, method: str, params: dict[str, Any], teachers: tuple[TeacherRef, ...] = ()) -> RunSpec:
-        return RunSpec(label, budget.student, (Stage(method, params, s_train),), data, seed, teachers,
+        return run_spec(label, budget.student, (stage(method, params, s_train),), data, seed, teachers,
                        device=env.device)
 
-    teacher = RunSpec("teacher alone", budget.teacher, (Stage("ce", {}, t_train),), data, seed,
+    teacher = run_spec("teacher alone", budget.teacher, (stage("ce", {}, t_train),), data, seed,
                       snapshots=tuple(budget.defective_epochs), device=env.device)
     alone = student("student alone", "ce", {})
     runs = {"teacher alone": teacher, "student alone": alone,
             "normal KD": student("normal KD", "hinton", budget.kd, (TeacherRef(teacher),)),
-            "Re-KD": RunSpec("Re-KD (student teaches teacher)", budget.teacher, (Stage("hinton", budget.kd, t_train),),
+            "Re-KD": run_spec("Re-KD (student teaches teacher)", budget.teacher, (stage("hinton", budget.kd, t_train),),
                              data, seed, (TeacherRef(alone),), device=env.device)}
     for e in budget.defective_epochs:
         runs[defective(e)] = student(defective(e), "hinton", budget.kd, (TeacherRef(teacher, e),))
@@ -99,7 +99,7 @@ def plan(budget: TfKDBudget, seed: int, env: Env) -> dict[str, RunSpec]:
     return runs
 
 
-def measure(budget: TfKDBudget, runs: dict[str, RunSpec], runner: Runner) -> Measured:
+def measure(budget: TfKDBudget, runs: dict[str, RunSpec], runner: ExperimentRunner) -> Measured:
     values = {
         "teacher alone": runner.accuracy(runs["teacher alone"]),
         "student alone": runner.accuracy(runs["student alone"]),
@@ -107,7 +107,7 @@ def measure(budget: TfKDBudget, runs: dict[str, RunSpec], runner: Runner) -> Mea
         "Re-KD (student → teacher)": runner.accuracy(runs["Re-KD"]),
     }
     for e in budget.defective_epochs:
-        snapshot = runner.teacher_model(TeacherRef(runs["teacher alone"], e))
+        snapshot = runner.snapshot_model(TeacherRef(runs["teacher alone"], e))
         values[defective_teacher(e)] = runner.evaluate_model(snapshot, runs["teacher alone"])
         values[defective(e)] = runner.accuracy(runs[defective(e)])
     for name in ("Tf-KD self", "Tf-KD reg", "label smoothing"):

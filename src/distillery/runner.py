@@ -1,0 +1,202 @@
+"""Train or reuse the networks :class:`~distillery.spec.RunSpec` objects describe — the one entry point.
+
+:meth:`Runner.train` trains a run's teachers first (each is a run too, or a checkpoint file), loads
+its data once per split, decides what to do with its folder (reuse a finished run of the same key,
+continue an unfinished one, refuse a folder of other settings unless asked to move it aside) and
+hands the rest to the :class:`~distillery.train.Trainer`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distillery.data import ImageDataset, load_idx_dataset
+from distillery.networks import build_model, load_trained_model
+from distillery.spec import SPEC_FORMAT, DataSpec, RunSpec, TeacherRef
+from distillery.teacher import Teacher
+from distillery.train import Callback, Trainer, distributed, load_checkpoint, resolve_device, seed_everything
+from distillery.train.loop import CHECKPOINT_NAME, snapshot_path
+from distillery.train.state import EpochRecord
+
+
+class RunFolderError(ValueError):
+    """An output folder holds a run that must not be silently reused or overwritten."""
+
+
+@dataclass
+class TrainedModel:
+    """A trained network with its run's history (one record per epoch) and folder."""
+
+    spec: RunSpec
+    model: nn.Module
+    history: list[EpochRecord]
+    run_dir: Path | None
+
+    @property
+    def role(self) -> str:
+        return self.spec.label
+
+    @property
+    def test_accuracy(self) -> float:
+        """The last evaluation's top-1 accuracy (a fraction), NaN when the history is empty."""
+        return self.history[-1]["test_accuracy"] if self.history else float("nan")
+
+
+class DataStore:
+    """Loads each split of a dataset once and cuts the subsets a :class:`DataSpec` describes."""
+
+    def __init__(self) -> None:
+        self._splits: dict[tuple[str, str | None, str], ImageDataset] = {}
+
+    def split(self, spec: DataSpec, name: str) -> ImageDataset:
+        key = (spec.dataset, spec.root, name)
+        if key not in self._splits:
+            self._splits[key] = load_idx_dataset(spec.dataset, name, spec.root)
+        return self._splits[key]
+
+    def train_val(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None]:
+        """The training subset (classes omitted) and the held-out validation examples (None if none)."""
+        full = self.split(spec, "train")
+        n = len(full) if spec.train_size is None else min(spec.train_size, len(full))
+        if n + spec.val_size > len(full):
+            raise ValueError(f"{spec.dataset}: {n} training + {spec.val_size} validation examples asked for, "
+                             f"but the training split holds {len(full)}")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(spec.split_seed))
+        train = _take(full, perm[:n]) if spec.train_size is not None or spec.val_size else full
+        val = _take(full, perm[n:n + spec.val_size]) if spec.val_size else None
+        if spec.omit_classes:
+            train = train.without_classes(spec.omit_classes)
+        return train, val
+
+    def test(self, spec: DataSpec) -> ImageDataset:
+        return self.split(spec, "test").subset(spec.test_size, seed=spec.test_seed)
+
+    def pair(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
+        return self.train_val(spec)[0], self.test(spec)
+
+
+def _take(data: ImageDataset, index: torch.Tensor) -> ImageDataset:
+    return ImageDataset(data.images[index], data.labels[index], data.mean, data.std, data.num_classes)
+
+
+def prepare_run_dir(run_dir: Path, key: str, *, resume: bool, overwrite: bool) -> str:
+    """Decide what to do with ``run_dir``: 'new', 'reuse' (finished, same settings) or 'resume'.
+
+    A folder with files but no checkpoint (a run killed before its first checkpoint) is restarted
+    by ``resume``; a checkpoint of another key, or of an earlier run format, needs ``overwrite``,
+    which moves the folder aside.
+    """
+    path = run_dir / CHECKPOINT_NAME
+    if not path.exists():
+        if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+            raise RunFolderError(f"{run_dir} exists and holds files but no checkpoint; pass --resume to start it "
+                                 "again there, --overwrite to move it aside, or choose another --set name=...")
+        return "new"
+    state = load_checkpoint(path)
+    meta = state.get("meta", {})
+    same = meta.get("fingerprint") == key and meta.get("format") == SPEC_FORMAT
+    if same and state.get("complete"):
+        return "reuse"
+    if same and resume:
+        return "resume"
+    if not overwrite:
+        if meta.get("format") != SPEC_FORMAT:
+            what = "a run made by an earlier version of distillery (its settings cannot be compared with these)"
+        else:
+            what = "an unfinished run of these settings" if same else "a run made from other settings"
+        advice = "pass --resume to continue it, or " if same else ""
+        raise RunFolderError(f"{run_dir} holds {what}; {advice}pass --overwrite to move it aside and start "
+                             "again, or choose another --set name=...")
+    backup = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(run_dir), backup)
+    return "new"
+
+
+def default_folder(root: Path) -> Callable[[RunSpec], Path]:
+    """Folders by key, for runs without one of their own: ``<root>/runs/<label>-s<seed>-<key>/<label>-s<seed>``."""
+    def folder(spec: RunSpec) -> Path:
+        slug = re.sub(r"[^A-Za-z0-9.=]+", "_", spec.label).strip("_").lower() + f"-s{spec.seed}"
+        return Path(root) / "runs" / f"{slug}-{spec.key}" / slug
+
+    return folder
+
+
+class Runner:
+    """Trains (or reuses) runs and hands back their networks; counts what it did.
+
+    ``folder_for`` places runs that have no ``folder`` of their own (see :func:`default_folder`).
+    ``callbacks`` are given to every run's trainer. A finished run is announced as reused.
+    """
+
+    def __init__(self, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 echo: Callable[[str], None] = print, folder_for: Callable[[RunSpec], Path] | None = None,
+                 data: DataStore | None = None, callbacks: Sequence[Callback] = ()) -> None:
+        self.resume, self.overwrite, self.progress, self.echo = resume, overwrite, progress, echo
+        self.folder_for = folder_for
+        self.data = data if data is not None else DataStore()
+        self.callbacks = tuple(callbacks)
+        self.counts = {"trained": 0, "reused": 0}
+        self._done: dict[str, TrainedModel] = {}
+
+    def folder(self, spec: RunSpec) -> Path:
+        if spec.folder is not None:
+            return Path(spec.folder)
+        if self.folder_for is None:
+            raise ValueError(f"run {spec.label!r} has no folder and this runner places none")
+        return self.folder_for(spec)
+
+    def train(self, spec: RunSpec) -> TrainedModel:
+        """The trained network of ``spec``: from memory, from its finished folder, or trained now."""
+        if spec.key in self._done:
+            return self._done[spec.key]
+        train_data, test_data = self.data.pair(spec.data)
+        teachers = [self.teacher_model(ref, train_data) for ref in spec.teachers]
+        device = resolve_device(spec.device)  # bad input fails before any folder is touched
+        seed_everything(spec.seed, spec.deterministic)
+        model = build_model(spec.model, train_data)
+        run_dir = self.folder(spec)
+        # Distributed: rank 0 alone inspects (and may move aside) the folder; every rank gets its decision.
+        action = distributed.current().on_main(
+            lambda: prepare_run_dir(run_dir, spec.key, resume=self.resume, overwrite=self.overwrite))
+        trainer = Trainer(
+            model, train_data, test_data, [stage.build() for stage in spec.stages],
+            teacher=Teacher(teachers) if teachers else None,
+            teacher_cache=spec.cache.folder, teacher_cache_max_mb=spec.cache.max_mb, run_dir=run_dir,
+            device=device, seed=spec.seed, amp=spec.amp, eval_batch_size=spec.eval_batch_size, label=spec.label,
+            progress=self.progress, sync_batchnorm=spec.sync_batchnorm, snapshot_epochs=spec.snapshots,
+            callbacks=self.callbacks,
+            meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
+                  "role": spec.label, "dataset": spec.data.dataset, "num_classes": train_data.num_classes},
+        )
+        history = trainer.fit(resume=action in ("reuse", "resume"))
+        model.eval()
+        trained = TrainedModel(spec, model, history, run_dir)
+        self.counts["reused" if action == "reuse" else "trained"] += 1
+        if action == "reuse":
+            self.echo(f"{spec.label}: reusing {run_dir}, {100 * trained.test_accuracy:.2f} %")
+        self._done[spec.key] = trained
+        return trained
+
+    def teacher_model(self, ref: TeacherRef, data: ImageDataset) -> nn.Module:
+        """The network of a teacher reference (trained first if needed), in eval mode on its device."""
+        if ref.checkpoint is not None:
+            model, _ = load_trained_model(ref.checkpoint, ref.model, data)
+            return model.eval()
+        assert ref.run is not None
+        trained = self.train(ref.run)
+        if ref.snapshot is None:
+            return trained.model
+        path = snapshot_path(trained.run_dir, ref.snapshot)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the snapshot after {ref.snapshot:g} epochs of {ref.run.label} is "
+                                    f"missing; delete {trained.run_dir} to train that run again")
+        model, _ = load_trained_model(path, ref.run.model, data)
+        return model.to(resolve_device(ref.run.device)).eval()

@@ -1,0 +1,142 @@
+"""The description of one training run: what network, from what data, through which stages, taught by whom.
+
+A :class:`RunSpec` is everything that determines one trained network. Its :attr:`RunSpec.key`
+hashes all of that (teachers included, through their own keys) and is stored in the run's
+checkpoint, so a finished run is recognised and reused by any later invocation that asks for the
+same network, and a folder holding other settings is never silently reused. Where and how it runs
+(device, mixed precision, the folder, the teacher-output cache) are fields too, but not part of the
+key: the same run may move to a GPU.
+
+Every command builds its runs as RunSpecs — the YAML recipe (:mod:`distillery.recipe`),
+``distillery reproduce``, ``bench``, ``tune`` and ``compare`` — and :class:`distillery.runner.Runner`
+trains them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillery.config import DEFAULT_MAX_MB, ModelConfig, TrainConfig, fingerprint
+from distillery.methods import MethodParams, create_method, method_class
+from distillery.train import Stage
+
+# Bumped when the meaning of a key changes; checkpoints of other formats are refused with a message.
+SPEC_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data a run sees.
+
+    The training subset is the first ``train_size`` examples (None: all) of a permutation of the
+    training split drawn with ``split_seed``; the next ``val_size`` examples are held out for
+    validation. The test subset (``test_size``, None = all) is drawn with ``test_seed``.
+    ``omit_classes`` are removed from the training subset (Hinton's omitted-class transfer set).
+    """
+
+    dataset: str = "fashion_mnist"
+    root: str | None = None
+    train_size: int | None = None
+    val_size: int = 0
+    test_size: int | None = None
+    split_seed: int = 0
+    test_seed: int = 0
+    omit_classes: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "root": self.root, "train_size": self.train_size, "val_size": self.val_size,
+                "test_size": self.test_size, "split_seed": self.split_seed, "test_seed": self.test_seed,
+                "omit_classes": list(self.omit_classes)}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: a method's parameters and the training settings it runs with."""
+
+    method: MethodParams
+    train: TrainConfig
+
+    def build(self) -> Stage:
+        """The trainer's stage: a fresh method object for these parameters."""
+        return Stage(create_method(self.method), self.train)
+
+    def describe(self) -> str:
+        return f"{self.method.name}×{self.train.epochs}ep"
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """A teaching network: the finished ``run`` (or its weights after ``snapshot`` epochs), or a
+    trained network in a ``checkpoint`` file (a distillery checkpoint, or a plain state_dict of
+    ``model``)."""
+
+    run: RunSpec | None = None
+    snapshot: float | None = None
+    checkpoint: str | None = None
+    model: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.checkpoint is None):
+            raise ValueError("a teacher is either a run or a checkpoint file, not both or neither")
+
+    @property
+    def key(self) -> str:
+        if self.run is not None:
+            return self.run.key if self.snapshot is None else f"{self.run.key}@{self.snapshot:g}"
+        path = Path(self.checkpoint)
+        mtime = path.stat().st_mtime if path.exists() else None
+        return fingerprint({"checkpoint": str(path.resolve()), "mtime": mtime})
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The teacher-output cache: its folder (None: off) and the budget of stored feature targets, MB."""
+
+    folder: str | None = None
+    max_mb: float = DEFAULT_MAX_MB
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One network to train. ``label`` names it for people; everything but the fields marked
+    "where and how" goes into :attr:`key`."""
+
+    label: str
+    model: ModelConfig
+    stages: tuple[StageSpec, ...]
+    data: DataSpec
+    seed: int = 0
+    teachers: tuple[TeacherRef, ...] = ()
+    snapshots: tuple[float, ...] = ()
+    # where and how (not part of the key)
+    folder: str | None = field(default=None, compare=False)
+    device: str = field(default="cpu", compare=False)
+    amp: bool = field(default=False, compare=False)
+    deterministic: bool = field(default=False, compare=False)
+    sync_batchnorm: bool = field(default=False, compare=False)
+    eval_batch_size: int = field(default=1000, compare=False)
+    cache: CacheSpec = field(default_factory=CacheSpec, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(f"run {self.label!r}: a run needs at least one stage")
+
+    @property
+    def key(self) -> str:
+        return fingerprint({
+            "format": SPEC_FORMAT,
+            "model": self.model.model_dump(mode="json"),
+            "stages": [[s.method.model_dump(mode="json"), s.train.key_fields()] for s in self.stages],
+            "data": self.data.as_dict(), "seed": self.seed, "teachers": [t.key for t in self.teachers],
+            "snapshots": list(self.snapshots),
+        })
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any stage's method reads a teacher network."""
+        return any(method_class(s.method.name).needs_teacher for s in self.stages)
+
+    def describe_stages(self) -> str:
+        return " → ".join(s.describe() for s in self.stages)

@@ -450,30 +450,43 @@ def hint_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     return 0.5 * diff.pow(2).flatten(1).sum(dim=1).mean()
 
 
+_MAP_RANKS = {3: "N×C×L", 4: "N×C×H×W", 5: "N×C×D×H×W"}  # feature maps with 1, 2 or 3 spatial dimensions
+
+
+def _check_feature_maps(first: Tensor, second: Tensor, what: str) -> None:
+    """Two feature maps of one of the ranks in ``_MAP_RANKS``, and of the same rank."""
+    if first.dim() not in _MAP_RANKS or first.dim() != second.dim():
+        raise ValueError(
+            f"{what} needs two feature maps of the same rank, {', '.join(_MAP_RANKS.values())}; got shapes "
+            f"{tuple(first.shape)} and {tuple(second.shape)}"
+        )
+
+
+def _positions_by_channels(fmap: Tensor) -> Tensor:
+    """An N×C×(spatial) map as N×S×C (S = number of positions), as a view wherever its layout allows.
+
+    Channels-last maps (the layout the Trainer prefers for conv nets on CPU) are N×S×C in memory
+    already; any other layout is viewed as the flattened map, transposed.
+    """
+    n, c = fmap.shape[:2]
+    channels_last = fmap.movedim(1, -1)
+    if channels_last.is_contiguous():
+        return channels_last.reshape(n, -1, c)
+    return fmap.flatten(2).transpose(1, 2)
+
+
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     """FSP ("flow of solution procedure") matrix of Yim et al. 2017, one per example.
 
-    G_ij = Σ_{s,t} F1[s,t,i] · F2[s,t,j] / (h·w) for feature maps F1 (N×m×h×w) and F2 (N×n×h'×w').
-    The map with the larger spatial size is max-pooled down to the smaller one first; the sizes
-    must then divide evenly. Returns N×m×n.
+    G_ij = Σ_s F1[i, s] · F2[j, s] / S, summed over all S spatial positions s, for feature maps F1
+    (N×m×…) and F2 (N×n×…) of the same rank: N×C×L (1-D), N×C×H×W (2-D, the paper's) or N×C×D×H×W
+    (3-D). The map with the larger spatial size is max-pooled down to the smaller one first
+    (:func:`pool_to_common_size`); the sizes must then divide evenly. Returns N×m×n.
     """
-    if first.dim() != 4 or second.dim() != 4:
-        raise ValueError(
-            f"FSP needs N×C×H×W feature maps, got shapes {tuple(first.shape)} and {tuple(second.shape)}"
-        )
+    _check_feature_maps(first, second, "FSP")
     first, second = pool_to_common_size(first, second)
-    n, m, h, w = first.shape
     dtype = torch.promote_types(torch.promote_types(first.dtype, second.dtype), torch.float32)  # half → float32
-    first, second = first.to(dtype), second.to(dtype)
-    # As N×hw×C spatial-by-channel views: free for channels-last maps (the layout the Trainer
-    # prefers on CPU), a transposed view of the flattened map otherwise.
-    if all(f.is_contiguous(memory_format=torch.channels_last) for f in (first, second)):
-        f1 = first.permute(0, 2, 3, 1).reshape(n, h * w, m)
-        f2 = second.permute(0, 2, 3, 1).reshape(n, h * w, second.shape[1])
-    else:
-        f1 = first.flatten(2).transpose(1, 2)
-        f2 = second.flatten(2).transpose(1, 2)
-    return _SpatialProduct.apply(f1, f2)
+    return _SpatialProduct.apply(_positions_by_channels(first.to(dtype)), _positions_by_channels(second.to(dtype)))
 
 
 class _SpatialProduct(torch.autograd.Function):
@@ -506,29 +519,37 @@ class _SpatialProduct(torch.autograd.Function):
         return grad_a, grad_b
 
 
-def pool_to_common_size(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
-    """Max-pool the spatially larger of two N×C×H×W maps down to the other's size (FSP, hints).
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}  # by number of spatial dimensions
 
-    Raises ``ValueError`` when the larger size is not a whole multiple of the smaller.
+
+def pool_to_common_size(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+    """Max-pool two feature maps of the same rank to their common spatial size (FSP, hints).
+
+    Along each spatial dimension the common size is the smaller of the two, and the larger map is
+    max-pooled by the whole factor between them (non-overlapping windows), so 8×6 and 4×12 both
+    become 4×6. Maps of 1, 2 or 3 spatial dimensions (N×C×L, N×C×H×W, N×C×D×H×W); channels are left
+    as they are. Raises ``ValueError`` naming the sizes when a larger size is not a whole multiple
+    of the smaller.
     """
-    size1, size2 = first.shape[-2:], second.shape[-2:]
+    _check_feature_maps(first, second, "pool_to_common_size")
+    size1, size2 = tuple(first.shape[2:]), tuple(second.shape[2:])
     if size1 == size2:
         return first, second
-    target = (min(size1[0], size2[0]), min(size1[1], size2[1]))
-    pooled = []
-    for fmap in (first, second):
-        h, w = fmap.shape[-2:]
-        if (h, w) == target:
-            pooled.append(fmap)
-            continue
-        if h % target[0] or w % target[1]:
-            raise ValueError(
-                f"cannot max-pool a {h}×{w} feature map to {target[0]}×{target[1]}: "
-                "the larger size must be a multiple of the smaller"
-            )
-        kernel = (h // target[0], w // target[1])
-        pooled.append(F.max_pool2d(fmap, kernel_size=kernel, stride=kernel))
-    return pooled[0], pooled[1]
+    target = tuple(min(a, b) for a, b in zip(size1, size2))
+    return _max_pool_to(first, target), _max_pool_to(second, target)
+
+
+def _max_pool_to(fmap: Tensor, target: tuple[int, ...]) -> Tensor:
+    size = tuple(fmap.shape[2:])
+    if size == target:
+        return fmap
+    if any(s % t for s, t in zip(size, target)):
+        raise ValueError(
+            f"cannot max-pool a {'×'.join(map(str, size))} feature map to {'×'.join(map(str, target))}: "
+            "along each dimension the larger size must be a multiple of the smaller"
+        )
+    kernel = tuple(s // t for s, t in zip(size, target))
+    return _MAX_POOL[len(size)](fmap, kernel_size=kernel, stride=kernel)
 
 
 def fsp_loss(

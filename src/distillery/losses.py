@@ -31,6 +31,8 @@ __all__ = [
     "ensemble_probs",
     "hinton_loss",
     "logit_matching_loss",
+    "label_smoothing_targets",
+    "virtual_teacher_probs",
     "standardize_logits",
     "tckd",
     "nckd",
@@ -45,8 +47,6 @@ __all__ = [
     "gradient_reversal",
     "ctkd_lambda",
     "LearnableTemperature",
-    "label_smoothing_targets",
-    "virtual_teacher_probs",
     "hint_loss",
     "fsp_matrix",
     "fsp_loss",
@@ -140,6 +140,29 @@ def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tenso
     """
     diff = student_logits.float() - teacher_logits.detach().float()
     return 0.5 * diff.pow(2).mean()
+
+
+def label_smoothing_targets(targets: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """q'(k) = (1 − ε)·onehot(y)_k + ε / K: the uniform-mixture label smoothing of Szegedy et al."""
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+    onehot = F.one_hot(targets, num_classes).float()
+    return (1.0 - smoothing) * onehot + smoothing / num_classes
+
+
+def virtual_teacher_probs(targets: Tensor, num_classes: int, correct_prob: float) -> Tensor:
+    """Tf-KD_reg's hand-made teacher: p(k) = a on the true class, (1 − a)/(K − 1) elsewhere.
+
+    ``correct_prob`` is a (Yuan et al. use a ≥ 0.9). Each row sums to 1.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if not 0.0 <= correct_prob <= 1.0:
+        raise ValueError(f"correct_prob must be in [0, 1], got {correct_prob}")
+    off = (1.0 - correct_prob) / (num_classes - 1)
+    probs = torch.full((targets.shape[0], num_classes), off, device=targets.device)
+    probs.scatter_(1, targets.unsqueeze(1), correct_prob)
+    return probs
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -413,41 +436,24 @@ class LearnableTemperature(nn.Module):
         return self.min_temperature + (self.max_temperature - self.min_temperature) * torch.sigmoid(theta)
 
 
-def label_smoothing_targets(targets: Tensor, num_classes: int, smoothing: float) -> Tensor:
-    """q'(k) = (1 − ε)·onehot(y)_k + ε / K: the uniform-mixture label smoothing of Szegedy et al."""
-    if not 0.0 <= smoothing <= 1.0:
-        raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
-    onehot = F.one_hot(targets, num_classes).float()
-    return (1.0 - smoothing) * onehot + smoothing / num_classes
-
-
-def virtual_teacher_probs(targets: Tensor, num_classes: int, correct_prob: float) -> Tensor:
-    """Tf-KD_reg's hand-made teacher: p(k) = a on the true class, (1 − a)/(K − 1) elsewhere.
-
-    ``correct_prob`` is a (Yuan et al. use a ≥ 0.9). Each row sums to 1.
-    """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if not 0.0 <= correct_prob <= 1.0:
-        raise ValueError(f"correct_prob must be in [0, 1], got {correct_prob}")
-    off = (1.0 - correct_prob) / (num_classes - 1)
-    probs = torch.full((targets.shape[0], num_classes), off, device=targets.device)
-    probs.scatter_(1, targets.unsqueeze(1), correct_prob)
-    return probs
-
-
 def hint_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """FitNets hint loss: ½ · mean over examples of ‖u_h(x) − r(v_g(x))‖², shapes equal.
+    """FitNets hint loss: ½ · mean over examples and hint elements of (r(v_g(x)) − u_h(x))², shapes equal.
 
-    ``student_features`` is the regressor's output r(v_g(x)), already shaped like the hint.
+        L = ½ · (1/(N·D)) Σ_x Σ_e (r(v_g(x))_e − u_h(x)_e)²,  D = elements of one example's hint
+
+    ``student_features`` is the regressor's output r(v_g(x)), already shaped like the hint: N×D
+    vectors or feature maps of any rank. Romero et al. write the squared norm ½‖u_h − r(v_g)‖²;
+    averaging over the D elements as well (as :func:`logit_matching_loss` averages over classes)
+    keeps the loss and its gradient (r − u_h)/(N·D) on one scale whatever the hint layer's width
+    and spatial size, so one ``hint_weight`` and learning rate suit any layer.
     """
     if student_features.shape != teacher_features.shape:
         raise ValueError(
             f"hint shapes differ: student (after regressor) {tuple(student_features.shape)} "
             f"vs teacher {tuple(teacher_features.shape)}"
         )
-    diff = student_features.float() - teacher_features.detach().float()
-    return 0.5 * diff.pow(2).flatten(1).sum(dim=1).mean()
+    diff = _at_least_float32(student_features) - _at_least_float32(teacher_features.detach())
+    return 0.5 * diff.pow(2).mean()
 
 
 _MAP_RANKS = {3: "N×C×L", 4: "N×C×H×W", 5: "N×C×D×H×W"}  # feature maps with 1, 2 or 3 spatial dimensions

@@ -272,8 +272,9 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, al
     (p_t^T near 1); DKD weights the two terms independently instead. Both carry T², as in the paper,
     so their gradients keep their scale across temperatures.
 
-    Paper settings: CIFAR-100 α = 1, β = 8, T = 4, cross-entropy weight 1, the DKD loss ramped in
-    linearly over the first 20 epochs (:func:`dkd_warmup_factor`); ImageNet α = 1, β = 0.5, T = 1.
+    Settings of the paper and its released configurations: CIFAR-100 α = 1, β = 8, T = 4,
+    cross-entropy weight 1, the DKD loss ramped in linearly over the first 20 epochs
+    (:func:`dkd_warmup_factor`); ImageNet (ResNet-34 → ResNet-18) α = 1, β = 0.5, T = 1.
     """
     scale = temperature**2
     return DKDTerms(

@@ -136,7 +136,26 @@ def test_logit_matching_and_hint_loss_gradients() -> None:
     assert torch.allclose(zs.grad, (zs.detach() - zt) / (3 * 4))
     fs = torch.randn(2, 3, 4, 4, requires_grad=True)
     ft = torch.randn(2, 3, 4, 4)
-    losses.hint_loss(fs, ft).backward()
-    assert torch.allclose(fs.grad, (fs.detach() - ft) / 2)
+    loss = losses.hint_loss(fs, ft)
+    assert torch.allclose(loss, 0.5 * ((fs - ft) ** 2).sum() / (2 * 3 * 4 * 4))  # ½ · mean over examples, elements
+    loss.backward()
+    assert torch.allclose(fs.grad, (fs.detach() - ft) / (2 * 3 * 4 * 4))
     with pytest.raises(ValueError, match="hint shapes differ"):
         losses.hint_loss(fs, torch.randn(2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (3, 2, 5), (3, 2, 4, 4), (3, 2, 2, 3, 4)])
+def test_hint_loss_is_half_the_mean_square_for_hints_of_any_rank(shape: tuple[int, ...]) -> None:
+    fs = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ft = torch.randn(*shape, dtype=torch.float64)
+    per_example = [0.5 * ((fs[i] - ft[i]) ** 2).sum() / fs[i].numel() for i in range(shape[0])]
+    torch.testing.assert_close(losses.hint_loss(fs, ft), sum(per_example) / shape[0])
+    assert torch.autograd.gradcheck(lambda s: losses.hint_loss(s, ft), (fs,))
+
+
+def test_hint_loss_does_not_grow_with_the_hint_layers_width() -> None:
+    narrow_s, narrow_t = torch.randn(4, 8, 4, 4), torch.randn(4, 8, 4, 4)
+    # the same per-element differences repeated over 4× the channels and 4× the positions
+    wide_s = narrow_s.repeat(1, 4, 2, 2)
+    wide_t = narrow_t.repeat(1, 4, 2, 2)
+    torch.testing.assert_close(losses.hint_loss(wide_s, wide_t), losses.hint_loss(narrow_s, narrow_t))

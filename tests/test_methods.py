@@ -184,7 +184,7 @@ def test_fitnets_builds_a_1x1_conv_regressor_and_matches_the_hint_formula() -> N
     t_out = method.teacher_outputs(teacher, EXAMPLE)
     terms = method(s_out, t_out, torch.zeros(4, dtype=torch.long))
     diff = reg(s_out.features["stage2"]) - t_out.features["stage2"]
-    torch.testing.assert_close(terms["hint"], 0.5 * 0.5 * diff.pow(2).flatten(1).sum(1).mean())
+    torch.testing.assert_close(terms["hint"], 0.5 * 0.5 * diff.pow(2).mean())  # ½ · mean over examples, elements
     terms["hint"].backward()
     assert reg.weight.grad is not None and reg.weight.grad.abs().sum() > 0
     assert student.stage1[0].conv1.weight.grad.abs().sum() > 0  # below the guided layer: trained
@@ -283,7 +283,10 @@ def test_a_method_in_a_plain_user_training_loop() -> None:
     student, teacher = _resnet(8, seed=1), Teacher(_resnet(14, seed=2))
     method = create_method("fitnets")
     method.setup(student, teacher, inputs_all[:8])
-    optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=1e-3, momentum=0.9)
+    # the hint loss averages over one example's hint elements: SGD's step scales up by as many
+    hint_elements = teacher(inputs_all[:1], method.teacher_layers).features["stage2"][0].numel()
+    optimizer = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=1e-3 * hint_elements,
+                                momentum=0.9)
     losses = []
     for _ in range(4):
         for inputs, targets in zip(inputs_all.split(16), data.labels.split(16)):

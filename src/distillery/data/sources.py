@@ -389,10 +389,10 @@ def _image_cache_dir(spec: ImageFolderSource) -> Path:
 def _decode_images(files: Sequence[tuple[Path, int]], spec: ImageFolderSource, description: str) -> Tensor:
     height, width = spec.height_width
     channels = 1 if spec.mode == "L" else 3
-    images = torch.empty((len(files), channels, height, width), dtype=torch.uint8)
+    images = np.empty((len(files), channels, height, width), dtype=np.uint8)
     for i, (path, _) in enumerate(_progress(files, description)):
-        images[i] = torch.from_numpy(_read_image(path, spec.mode, (height, width), spec.resample))
-    return images
+        images[i] = _read_image(path, spec.mode, (height, width), spec.resample)
+    return torch.from_numpy(images)
 
 
 def _read_image(path: Path, mode: str, size: tuple[int, int], resample: str) -> np.ndarray:
@@ -490,7 +490,11 @@ def load_user_dataset(target: str, kwargs: dict[str, Any], *, allow_code: bool) 
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise DataSourceError(f"python data source {target!r}: module {module_name!r} has no callable {attr!r}")
-    dataset = factory(**kwargs)
+    try:
+        dataset = factory(**kwargs)
+    except TypeError as err:  # most often keyword arguments the callable does not take
+        message = f"python data source {target!r}: calling it with kwargs {kwargs!r} failed: {err}"
+        raise DataSourceError(message) from err
     if isinstance(dataset, torch.utils.data.IterableDataset) or not (
             hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise DataSourceError(f"python data source {target!r} returned a {type(dataset).__name__}; expected a "

@@ -93,6 +93,7 @@ class Normalisation:
         _check_inputs(inputs)
         dims = [0, *range(2, inputs.dim())]
         count = inputs.numel() // inputs.shape[1]
+
         def chunks():  # one float64 chunk alive at a time
             return (_scaled(part, torch.float64) for part in inputs.split(_STATS_CHUNK))
 
@@ -255,10 +256,12 @@ class InMemoryDataset:
 
     @property
     def mean(self) -> tuple[float, ...]:
+        """``normalisation.mean``, under its older name."""
         return self.normalisation.mean
 
     @property
     def std(self) -> tuple[float, ...]:
+        """``normalisation.std``, under its older name."""
         return self.normalisation.std
 
     def take(self, index: Tensor) -> InMemoryDataset:

@@ -78,8 +78,13 @@ class Batch:
 
 
 def _mul32(x: Tensor | int, c: int) -> Tensor | int:
-    """``(x · c) mod 2³²`` for 0 ≤ x, c < 2³², in 16-bit halves so no int64 product overflows."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _MASK32
+    """``(x · c) mod 2³²`` for 0 ≤ x, c < 2³², with no int64 product reaching 2⁶³.
+
+    For c ≥ 2³¹, ``x·c = x·(c − 2³¹) + x·2³¹`` and ``x·2³¹ mod 2³² = (x mod 2) · 2³¹``.
+    """
+    if c < 1 << 31:
+        return (x * c) & _MASK32
+    return (x * (c - (1 << 31)) + ((x & 1) << 31)) & _MASK32
 
 
 def _fmix32(h: Tensor | int) -> Tensor | int:
@@ -92,38 +97,37 @@ def _fmix32(h: Tensor | int) -> Tensor | int:
     return h ^ (h >> 16)
 
 
-def _hash32(seed: int, epoch: int, stream: int, index: Tensor) -> Tensor:
-    """A 32-bit hash of ``(seed, epoch, stream, index)`` for each (non-negative) index, as int64.
+def _hash32(seed: int, epoch: int, index: Tensor) -> Tensor:
+    """A 32-bit hash of ``(seed, epoch, index)`` for each index (taken mod 2³²), as int64.
 
-    Counter-based: the scalar keys are folded into one 32-bit key, then each index is mixed with it
-    on its own, so an example's value never depends on which other examples are hashed with it.
+    Counter-based: ``seed`` and ``epoch`` are folded into one 32-bit key (in Python), then each
+    index is mixed with it on its own, so an example's value never depends on the other examples.
     """
     key = 0x9E3779B9
-    for word in (stream, seed & _MASK32, (seed & _MASK64) >> 32, epoch & _MASK32, (epoch & _MASK64) >> 32):
+    for word in (seed & _MASK32, (seed & _MASK64) >> 32, epoch & _MASK32, (epoch & _MASK64) >> 32):
         key = _fmix32(key ^ word)
-    index = index.to(torch.int64)
-    return _fmix32(_fmix32((index & _MASK32) ^ key) ^ (index >> 32))
+    return _fmix32((index.to(torch.int64) & _MASK32) ^ key)
 
 
 def sample_augment(augment: Augment, seed: int, index: Tensor, epoch: int) -> AugmentParams:
     """Crop offsets and flips of the examples ``index`` in ``epoch``: a pure function of ``(seed, index, epoch)``.
 
-    Offset ``= ⌊h · (2·crop_padding + 1) / 2³²⌋`` and flip ``= h ≥ 2³¹`` for independent 32-bit hashes
-    ``h`` of the example, so each offset is uniform (up to 2⁻³² per value) and p(flip) = 1/2.
-    The result is on ``index``'s device.
+    From one 32-bit hash ``h`` per example: row offset ``⌊(h mod 2¹⁶)·S / 2¹⁶⌋`` and column offset
+    ``⌊(bits 16..30 of h)·S / 2¹⁵⌋`` with ``S = 2·crop_padding + 1``, flip ``= bit 31 of h``: the
+    offsets are uniform up to ``S / 2¹⁵`` per value and p(flip) = 1/2. On ``index``'s device.
     """
     span = 2 * augment.crop_padding + 1
-    if augment.crop_padding < 0 or span >= 1 << 31:
-        raise ValueError(f"crop_padding must be in 0 .. 2^30, got {augment.crop_padding}")
+    if not 0 <= augment.crop_padding < 1 << 15:
+        raise ValueError(f"crop_padding must be in 0 .. 2^15 - 1, got {augment.crop_padding}")
     n, device = len(index), index.device
+    h = _hash32(seed, epoch, index) if augment.active else None
     if augment.crop_padding > 0:
-        offsets = torch.stack([(_hash32(seed, epoch, stream, index) * span) >> 32 for stream in (0, 1)], dim=1)
+        rows = ((h & 0xFFFF) * span) >> 16
+        cols = (((h >> 16) & 0x7FFF) * span) >> 15
+        offsets = torch.stack([rows, cols], dim=1)
     else:
         offsets = torch.zeros(n, 2, dtype=torch.int64, device=device)
-    if augment.hflip:
-        flip = (_hash32(seed, epoch, 2, index) >> 31).bool()
-    else:
-        flip = torch.zeros(n, dtype=torch.bool, device=device)
+    flip = (h >> 31).bool() if augment.hflip else torch.zeros(n, dtype=torch.bool, device=device)
     return AugmentParams(offsets, flip)
 
 

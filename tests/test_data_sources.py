@@ -83,6 +83,11 @@ def test_arrays_errors_name_the_file_and_what_was_expected(tmp_path: Path) -> No
     np.savez(tmp_path / "c.npz", x=np.zeros((4, 2)), y=np.array([0.0, 1.5, 1, 0]))
     with pytest.raises(DataSourceError, match=r"c\.npz\['y'\]: labels must be whole-number class indices"):
         load_data(spec(source="arrays", train=str(tmp_path / "c.npz"), test_fraction=0.5), seed=0)
+    np.savez(tmp_path / "d.npz", features=np.zeros((4, 3)), y=np.zeros(4, dtype=int))
+    with pytest.raises(DataSourceError, match=r"test inputs .*d\.npz are torch\.float64 of sample shape \(3,\), "
+                                              r"but training inputs .*a\.npz are torch\.float64 of \(2,\)"):
+        load_data(spec(source="arrays", train=str(tmp_path / "a.npz"), test=str(tmp_path / "d.npz"),
+                       inputs_key="features"), seed=0)
     with pytest.raises(DatasetNotFoundError, match="missing.npz not found"):
         load_data(spec(source="arrays", train=str(tmp_path / "missing.npz"), test_fraction=0.5), seed=0)
     with pytest.raises(ValidationError, match="exactly one of 'test'"):

@@ -11,8 +11,10 @@ What the network sees is stated here, once. For an input ``x`` of channel ``c`` 
     x' = (s·x − mean_c) / std_c   in float32,   s = 1/255 for uint8 inputs, else 1
 
 uint8 inputs are taken as 8-bit intensities, so they are divided by 255 into [0, 1] first; every
-other dtype is converted to float32 unchanged. ``Normalisation.none()`` (mean 0, std 1) therefore
-hands float data to the network exactly as given. A mean/std of one value applies to every channel.
+other dtype is only converted to float32 (exact for float32, float16, bfloat16 and integers up to
+2²⁴; float64 is rounded to the nearest float32, the network's precision). ``Normalisation.none()``
+(mean 0, std 1) therefore hands float32 data to the network bit for bit as given. A mean/std of
+one value applies to every channel.
 """
 
 from __future__ import annotations

@@ -259,6 +259,8 @@ def _read_arrays(files: str | NpyPair, spec: ArraysSource) -> _Examples:
     if inputs.ndim < 2:
         raise DataSourceError(f"{inputs_where}: inputs must be N×(sample shape), with samples of at least one "
                               f"dimension; got shape {inputs.shape}")
+    if len(inputs) == 0:
+        raise DataSourceError(f"{inputs_where}: holds no examples")
     if labels.ndim != 1 or len(labels) != len(inputs):
         raise DataSourceError(f"{labels_where}: labels must have shape ({len(inputs)},), one per input; "
                               f"got {labels.shape}")
@@ -269,9 +271,12 @@ def _load_npy(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DatasetNotFoundError(f"array file {path} not found")
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise DataSourceError(f"{path}: not a readable .npy array of numbers ({err})") from err
+    if not isinstance(array, np.ndarray):
+        raise DataSourceError(f"{path}: is an .npz archive, not one .npy array; give it as the .npz file")
+    return array
 
 
 def _load_npz(path: Path, inputs_key: str | None, labels_key: str | None) -> tuple[str, str, list[np.ndarray]]:

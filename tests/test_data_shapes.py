@@ -167,3 +167,14 @@ def test_subset_and_without_classes_keep_everything_else() -> None:
     assert len(small) == 4 and small.class_names == ("a", "b", "c") and small.normalisation == data.normalisation
     rest = data.without_classes((1,))
     assert 1 not in rest.labels.tolist() and len(rest) == 7 and rest.num_classes == 3
+
+
+def test_statistics_over_many_chunks_equal_the_one_pass_formula(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distillery.data import datasets
+
+    monkeypatch.setattr(datasets, "_STATS_CHUNK_VALUES", 7)  # 2×3×4 values a sample: one example per chunk
+    x = torch.randint(0, 256, (25, 3, 2, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    n = Normalisation.of_data(x)
+    mean, std = _channel_stats(x.double() / 255)
+    torch.testing.assert_close(torch.tensor(n.mean).view(mean.shape), mean)
+    torch.testing.assert_close(torch.tensor(n.std).view(std.shape), std)

@@ -20,12 +20,16 @@ from distillery.data.loader import (
     augment_batch,
     sample_augment,
 )
+from distillery.data.sources import CodeNotAllowedError, DataSource, DataSourceError, load_data
 
 __all__ = [
     "Augment",
     "AugmentParams",
     "Batch",
     "BatchLoader",
+    "CodeNotAllowedError",
+    "DataSource",
+    "DataSourceError",
     "DatasetNotFoundError",
     "IdxFormatError",
     "ImageDataset",
@@ -34,6 +38,7 @@ __all__ = [
     "apply_augment",
     "augment_batch",
     "from_torch_dataset",
+    "load_data",
     "load_idx_dataset",
     "normalise",
     "read_idx",

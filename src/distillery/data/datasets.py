@@ -48,7 +48,7 @@ FILES = {
 UINT8_SCALE = 255  # uint8 inputs are divided by this before normalising (8-bit intensities -> [0, 1])
 # A channel whose spread is below this (in scaled units) is constant: it is centred, not divided.
 CONSTANT_STD = 1e-6
-_STATS_CHUNK = 4096  # examples per float64 chunk when measuring statistics (bounds the temporary memory)
+_STATS_CHUNK_VALUES = 1 << 22  # values per float64 chunk when measuring statistics (bounds the temporary memory)
 _SUPPORTED_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
                      torch.uint64, torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -89,15 +89,18 @@ class Normalisation:
     def of_data(cls, inputs: Tensor) -> Normalisation:
         """The inputs' own per-channel mean and standard deviation (of ``s·x``, over every dimension but 1).
 
-        Computed in float64 over chunks of examples. A channel with std below ``CONSTANT_STD`` is
-        constant: it gets std 1, so it is centred to 0 rather than blown up by rounding noise.
+        The std divides by n − 1, as ``torch.std``; both are computed in float64 over chunks of
+        examples. A channel with std below ``CONSTANT_STD`` is constant: it gets std 1, so it is
+        centred to 0 rather than blown up by rounding noise.
         """
         _check_inputs(inputs)
         dims = [0, *range(2, inputs.dim())]
         count = inputs.numel() // inputs.shape[1]
 
+        rows = max(1, _STATS_CHUNK_VALUES // max(1, inputs[0].numel()))
+
         def chunks():  # one float64 chunk alive at a time
-            return (_scaled(part, torch.float64) for part in inputs.split(_STATS_CHUNK))
+            return (_scaled(part, torch.float64) for part in inputs.split(rows))
 
         mean = sum(chunk.sum(dim=dims) for chunk in chunks()) / count
         shape = (1, -1, *([1] * (inputs.dim() - 2)))

@@ -140,9 +140,9 @@ def test_from_torch_dataset_materialises_any_dataset() -> None:
             return torch.full((3, 5, 5), i / 10), i % 3
 
     ds = from_torch_dataset(Squares())
-    assert ds.images.shape == (6, 3, 5, 5) and ds.images.dtype == torch.uint8
+    assert ds.inputs.shape == (6, 3, 5, 5) and ds.inputs.dtype == torch.float32  # kept as given, not made uint8
     assert ds.num_classes == 3 and ds.labels.tolist() == [0, 1, 2, 0, 1, 2]
-    assert ds.images[2].float().mean().item() == pytest.approx(round(0.2 * 255))
+    assert torch.equal(ds.inputs[2], torch.full((3, 5, 5), 2 / 10))
 
 
 def test_empty_dataset_is_refused() -> None:

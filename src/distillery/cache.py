@@ -38,9 +38,9 @@ from distillery.data import BatchLoader, ImageDataset
 from distillery.teacher import ModelOutputs, Teacher, entry_name  # noqa: F401 (entry_name: part of this module's API)
 
 FORMAT_VERSION = 1
-# What BatchLoader does to a stored uint8 image before the network sees it (augmentation aside).
+# What BatchLoader does to a stored input before the network sees it (augmentation aside).
 # Part of the key: change the loader's preprocessing and bump this, and old entries are not reused.
-PREPROCESSING = "uint8 -> float32 x * (1 / (255 std)) - mean / std, NCHW"
+PREPROCESSING = "v2: float32(x), / 255 if uint8, then (x - mean_c) / std_c per channel (dim 1)"
 _CHUNK = 1 << 24
 
 
@@ -68,11 +68,11 @@ def teacher_fingerprint(teacher: Teacher) -> str:
 
 
 def dataset_fingerprint(dataset: ImageDataset) -> str:
-    """SHA-256 of the images, labels and normalisation constants of ``dataset``."""
+    """SHA-256 of the inputs (dtype, shape and values), labels and normalisation of ``dataset``."""
     h = hashlib.sha256()
-    _update_with_tensor(h, dataset.images)
+    _update_with_tensor(h, dataset.inputs)
     _update_with_tensor(h, dataset.labels)
-    h.update(repr((tuple(dataset.mean), tuple(dataset.std))).encode())
+    h.update(repr((dataset.normalisation.mean, dataset.normalisation.std)).encode())
     return h.hexdigest()
 
 

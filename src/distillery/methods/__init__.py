@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from distillery.methods import (  # noqa: F401 (each module registers its method)
     cross_entropy,
+    dist,
+    dkd,
     ensemble,
     fitnets,
     fsp,

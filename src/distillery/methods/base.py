@@ -67,9 +67,13 @@ class Method(nn.Module):
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__()
+        if params is not None and not isinstance(params, self.Params) and issubclass(self.Params, type(params)):
+            # the class the method declared, before registering named it: the same values, named
+            params = self.Params.model_validate({**params.model_dump(exclude={"name"}), "name": self.Params().name})
         self.params = params if params is not None else self.Params()
         if not isinstance(self.params, self.Params):
-            raise TypeError(f"method {self.name!r} takes {self.Params.__name__}, got {type(self.params).__name__}")
+            raise TypeError(f"method {getattr(self, 'name', type(self).__name__)!r} takes {self.Params.__name__}, "
+                            f"got {type(self.params).__name__}")
         self.student_layers: tuple[str, ...] = ()
         self.teacher_layers: tuple[str, ...] = ()
 

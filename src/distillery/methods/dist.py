@@ -14,6 +14,7 @@ from torch import Tensor
 
 from distillery.losses import dist_loss
 from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.registry import register_method
 
 
 class DISTParams(MethodParams):
@@ -25,6 +26,7 @@ class DISTParams(MethodParams):
     ce_weight: float = Field(1.0, ge=0, description="weight of the hard-label cross-entropy (paper: 1)")
 
 
+@register_method("dist")
 class DIST(Method):
     """L = ce_weight · CE(y, softmax(z_s)) + T² · (β · L_inter + γ · L_intra) on softmax(z/T).
 
@@ -32,7 +34,6 @@ class DIST(Method):
     the batch: it needs at least 2 examples to mean anything (with one it is the constant γ·T²).
     """
 
-    name = "dist"
     Params = DISTParams
 
     compares_logits = True

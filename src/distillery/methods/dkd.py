@@ -14,6 +14,8 @@ from torch import Tensor
 
 from distillery.losses import dkd_loss, dkd_warmup_factor
 from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.hinton import soft_inputs
+from distillery.methods.registry import register_method
 
 
 class DKDParams(MethodParams):
@@ -24,8 +26,11 @@ class DKDParams(MethodParams):
     warmup_epochs: float = Field(20.0, ge=0, description="epochs over which the DKD terms ramp in linearly from 0 "
                                                          "(paper: 20 on CIFAR-100); 0 for no warm-up")
     ce_weight: float = Field(1.0, ge=0, description="weight of the hard-label cross-entropy (paper: 1)")
+    standardize: bool = Field(False, description="z-score both nets' logits per example before softening them "
+                                                 "(logit standardisation, Sun et al. CVPR 2024)")
 
 
+@register_method("dkd")
 class DKD(Method):
     """L = ce_weight · CE(y, softmax(z_s)) + min(e/E, 1) · T² · (α · TCKD + β · NCKD), averaged over examples.
 
@@ -35,7 +40,6 @@ class DKD(Method):
     ``warmup_epochs`` > 0 a step without it is an error rather than a silent 0 or 1.
     """
 
-    name = "dkd"
     Params = DKDParams
 
     compares_logits = True
@@ -49,13 +53,19 @@ class DKD(Method):
         p = self.params
         if teacher is None:
             raise ValueError("dkd needs the teacher's outputs (method.teacher_outputs(teacher, inputs))")
-        terms = dkd_loss(student.logits, teacher.logits, targets, p.alpha, p.beta, p.temperature)
+        student_z, teacher_z = soft_inputs(student.logits, teacher.logits, p.standardize)
+        terms = dkd_loss(student_z, teacher_z, targets, p.alpha, p.beta, p.temperature)
         ramp = dkd_warmup_factor(self._progress(), p.warmup_epochs)
         return {
             "ce": p.ce_weight * F.cross_entropy(student.logits.float(), targets),
             "tckd": ramp * terms.tckd,
             "nckd": ramp * terms.nckd,
         }
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """The trainer's progress: epoch ``epoch`` (0-based) has started, so the paper's counter is
+        ``epoch + 1`` (its warm-up gives the first epoch min(1/E, 1))."""
+        self.epoch_progress = float(epoch + 1)
 
     def _progress(self) -> float:
         if self.epoch_progress is not None:

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from distillery.losses import ensemble_probs, soft_target_loss
 from distillery.methods.base import Method, ModelOutputs
-from distillery.methods.hinton import SoftTargetParams
+from distillery.methods.hinton import SoftTargetParams, soft_inputs
 from distillery.methods.registry import register_method
 
 
@@ -26,8 +26,9 @@ class EnsembleKD(Method):
                 index: Tensor | None = None) -> dict[str, Tensor]:
         assert teacher is not None
         p = self.params
-        target = ensemble_probs(teacher.logits.detach(), p.temperature)
+        student_z, teacher_z = soft_inputs(student.logits, teacher.logits.detach(), p.standardize)
+        target = ensemble_probs(teacher_z, p.temperature)
         return {
             "ce": p.ce_weight * F.cross_entropy(student.logits.float(), targets),
-            "kd": p.kd_weight * soft_target_loss(student.logits, target, p.temperature),
+            "kd": p.kd_weight * soft_target_loss(student_z, target, p.temperature),
         }

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from distillery.losses import kd_loss
+from distillery.losses import kd_loss, standardize_logits
 from distillery.methods.base import Method, MethodParams, ModelOutputs
 from distillery.methods.registry import register_method
 
@@ -18,6 +18,13 @@ class SoftTargetParams(MethodParams):
                                                                "student")
     kd_weight: float = Field(0.9, ge=0, le=1, description="weight of the soft term T²·KL(q_t ‖ q_s) (Hinton's α)")
     ce_weight: float = Field(0.1, ge=0, le=1, description="weight of the hard-label cross-entropy (1 − α)")
+    standardize: bool = Field(False, description="z-score both nets' logits per example before softening them "
+                                                 "(logit standardisation, Sun et al. CVPR 2024); CE keeps raw logits")
+
+
+def soft_inputs(student: Tensor, teacher: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    """The logits the soft term compares: as they are, or z-scored per example (class dimension last)."""
+    return (standardize_logits(student), standardize_logits(teacher)) if standardize else (student, teacher)
 
 
 @register_method("hinton")
@@ -33,5 +40,5 @@ class HintonKD(Method):
         assert teacher is not None
         return {
             "ce": p.ce_weight * F.cross_entropy(student.logits.float(), targets),
-            "kd": p.kd_weight * kd_loss(student.logits, teacher.logits, p.temperature),
+            "kd": p.kd_weight * kd_loss(*soft_inputs(student.logits, teacher.logits, p.standardize), p.temperature),
         }

@@ -501,7 +501,7 @@ class _SpatialProduct(torch.autograd.Function):
 
     Autograd's own ``bmm`` backward returns the gradient of a transposed operand transposed, so the
     gradient of a channels-last feature map arrived in NCHW order and the max-pooling and
-    convolution layers before it copied it back (~4 % of an FSP stage-1 step of a ResNet-8). Here
+    convolution layers before it copied it back on every step. Here
     each gradient is computed directly in its input's memory layout.
     """
 

@@ -54,6 +54,7 @@ from distillery.train.distributed import DistContext
 from distillery.train.distributed import current as current_context
 from distillery.train.evaluation import check_output_classes, evaluate, shard
 from distillery.train.optim import build_optimizer, build_scheduler
+from distillery.train.sanity import SanityChecks
 from distillery.train.state import (
     RUN_KIND,
     SNAPSHOT_KIND,
@@ -196,7 +197,9 @@ class Trainer:
         self._is_set_up = False
 
     def _builtin_callbacks(self, progress: bool, snapshot_epochs: Sequence[float]) -> list[Callback]:
-        callbacks: list[Callback] = [ProgressDisplay(self.label, self.echo, live=progress)]
+        callbacks: list[Callback] = [ProgressDisplay(self.label, self.echo, live=progress),
+                                     SanityChecks(self.label, self._probe_batch, self.train_data.num_classes,
+                                                  self.echo)]
         if self.writes_files:
             callbacks.append(MetricsFile(self.run_dir / METRICS_NAME))
             if snapshot_epochs:
@@ -265,6 +268,10 @@ class Trainer:
             if stored is not None:
                 stage.method.use_stored_targets(stored)
         self._is_set_up = True
+
+    def _probe_batch(self) -> Tensor:
+        """A few test inputs on the device, for the sanity checks' look at the student's layers."""
+        return next(self.test_loader.epoch(0)).inputs[:64]
 
     def _train_loader(self, s: int) -> BatchLoader:
         """Stage ``s``'s training batches for this rank (also what stored targets are computed from).

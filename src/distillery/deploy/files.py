@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,15 +13,15 @@ from pathlib import Path
 def staged_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on a normal exit move it onto ``path``.
 
-    The caller writes and verifies the temporary file inside the block. If the block raises (a
+    The caller writes the temporary file and verifies it inside the block. If the block raises (a
     failed verification), the temporary file is deleted and ``path`` keeps whatever it held before:
     a file at ``path`` is always a complete, verified artefact. The move is ``os.replace`` (atomic
     on one file system), after an fsync of the file's contents.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    # A fresh name, left for the writer to create (so the file gets the usual permissions, which
+    # tempfile.mkstemp would restrict to the owner).
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         yield tmp
         with open(tmp, "rb") as f:

@@ -13,13 +13,15 @@ mean KL(teacher ‖ model) at temperature 1.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from distillery.deploy.runtime import session_call
+from distillery.deploy.runtime import batched, onnx_logits, session_call
 from distillery.losses import kd_loss
 from distillery.report.measure import Timing, time_calls, time_model, torch_threads
 
@@ -42,6 +44,9 @@ class SpeedSettings:
         for name in ("latency_warmup", "throughput_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SpeedSettings.{name} must be >= 0, got {getattr(self, name)}")
+
+
+DEFAULT_SPEED_SETTINGS = SpeedSettings()
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ def timing_batch(inputs: Tensor, size: int) -> Tensor:
     return inputs[torch.arange(size) % len(inputs)].detach().cpu().float().contiguous()
 
 
-def torch_speed(model: nn.Module, inputs: Tensor, threads: int, settings: SpeedSettings = SpeedSettings()) -> Speed:
+def torch_speed(model: nn.Module, inputs: Tensor, threads: int,
+                settings: SpeedSettings = DEFAULT_SPEED_SETTINGS) -> Speed:
     """Speed of ``model`` (on the CPU, eval mode) on batches drawn from ``inputs``, with ``threads`` threads."""
     with torch_threads(threads):
         latency = time_model(model, timing_batch(inputs, settings.latency_batch),
@@ -77,7 +83,8 @@ def torch_speed(model: nn.Module, inputs: Tensor, threads: int, settings: SpeedS
     return Speed(latency, throughput, threads)
 
 
-def onnx_speed(session: ort.InferenceSession, inputs: Tensor, settings: SpeedSettings = SpeedSettings()) -> Speed:
+def onnx_speed(session: ort.InferenceSession, inputs: Tensor,
+               settings: SpeedSettings = DEFAULT_SPEED_SETTINGS) -> Speed:
     """Speed of an onnxruntime ``session`` on batches drawn from ``inputs`` (its threads: the session's)."""
     run = session_call(session)
     threads = session.get_session_options().intra_op_num_threads
@@ -89,6 +96,21 @@ def onnx_speed(session: ort.InferenceSession, inputs: Tensor, settings: SpeedSet
     latency = time_batch(settings.latency_batch, settings.latency_calls, settings.latency_warmup)
     throughput = time_batch(settings.throughput_batch, settings.throughput_calls, settings.throughput_warmup)
     return Speed(latency, throughput, threads)
+
+
+def top1_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of inputs whose argmax logit is the label: (1/N) Σ_i [argmax z_i = y_i]."""
+    if logits.dim() != 2 or len(logits) != len(labels):
+        raise ValueError(f"need N×K logits and N labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return (logits.argmax(-1) == labels.to(logits.device)).double().mean().item()
+
+
+def onnx_accuracy(path: str | Path, inputs: Tensor, labels: Tensor, batch_size: int = 256,
+                  threads: int | None = None) -> float:
+    """Top-1 accuracy of the ONNX classifier at ``path`` on ``inputs``, run by onnxruntime in batches."""
+    if len(inputs) != len(labels):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    return top1_accuracy(onnx_logits(path, inputs, batch_size, threads), labels.cpu())
 
 
 def top1_agreement(teacher_logits: Tensor, logits: Tensor) -> float:
@@ -109,3 +131,10 @@ def _check_pair(teacher_logits: Tensor, logits: Tensor) -> None:
                          f"and {tuple(logits.shape)}")
     if len(logits) == 0:
         raise ValueError("no logits to compare")
+
+
+@torch.inference_mode()
+def model_logits(model: nn.Module, inputs: Tensor, batch_size: int = 256) -> Tensor:
+    """``model``'s logits on ``inputs`` (N×…), in batches, on the CPU in eval mode; ``model`` itself is untouched."""
+    network = copy.deepcopy(model).cpu().eval()
+    return batched(network, inputs.detach().cpu().float(), [batch_size])

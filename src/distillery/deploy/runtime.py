@@ -63,11 +63,3 @@ def onnx_logits(path: str | Path, inputs: Tensor, batch_size: int = 256, threads
     """The ONNX model's outputs on ``inputs`` (N×…), run in batches of ``batch_size``."""
     return batched(session_call(onnx_session(path, threads)), inputs, [batch_size])
 
-
-def onnx_accuracy(path: str | Path, inputs: Tensor, labels: Tensor, batch_size: int = 256,
-                  threads: int | None = None) -> float:
-    """Top-1 accuracy of the ONNX classifier at ``path`` on ``inputs`` (fraction with argmax = label)."""
-    if len(inputs) != len(labels):
-        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
-    logits = onnx_logits(path, inputs, batch_size, threads)
-    return (logits.argmax(-1) == labels.cpu()).double().mean().item()

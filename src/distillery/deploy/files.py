@@ -19,11 +19,14 @@ def staged_file(path: Path) -> Iterator[Path]:
     on one file system), after an fsync of the file's contents.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name, left for the writer to create (so the file gets the usual permissions, which
-    # tempfile.mkstemp would restrict to the owner).
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
+        tmp.touch(exist_ok=False)
+        # The mode any new file gets here (0o666 less the umask); some writers (safetensors) replace
+        # the file with an owner-only one, so it is restored before the move.
+        mode = tmp.stat().st_mode & 0o777
         yield tmp
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

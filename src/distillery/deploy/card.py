@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,7 +138,7 @@ class Card:
     def as_dict(self) -> dict[str, Any]:
         return {
             "rows": [r.as_dict() for r in self.rows], "threads": self.threads,
-            "settings": self.settings.__dict__, "test_samples": self.test_samples,
+            "settings": asdict(self.settings), "test_samples": self.test_samples,
             "exports": [e.as_dict() for e in self.exports], "quantization": self.quantization.as_dict(),
         }
 

@@ -1,8 +1,18 @@
 """Reporting: measurements, tables and plots."""
 
-from distillery.report.measure import count_parameters, latency_ms, size_on_disk, throughput
+from distillery.report.measure import (
+    Timing,
+    count_parameters,
+    latency_ms,
+    size_on_disk,
+    throughput,
+    time_calls,
+    time_model,
+    torch_threads,
+)
 from distillery.report.plots import plot_learning_curves
-from distillery.report.table import ModelRow, markdown_table, text_table
+from distillery.report.table import ModelRow, human_bytes, markdown_table, render_markdown, render_text, text_table
 
-__all__ = ["ModelRow", "count_parameters", "latency_ms", "markdown_table", "plot_learning_curves",
-           "size_on_disk", "text_table", "throughput"]
+__all__ = ["ModelRow", "Timing", "count_parameters", "human_bytes", "latency_ms", "markdown_table",
+           "plot_learning_curves", "render_markdown", "render_text", "size_on_disk", "text_table", "throughput",
+           "time_calls", "time_model", "torch_threads"]

@@ -80,3 +80,22 @@ def test_train_distill_eval_commands(fake_root: Path, tmp_path: Path, capsys: py
     assert "mlp test accuracy" in line
     recorded = json.loads((checkpoint.parent / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
     assert f"{100 * recorded:.2f} %" in line  # eval reproduces the accuracy logged at the end of training
+
+
+def test_the_main_job_writes_the_deployed_card_and_export_verifies_the_student(
+        fake_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import onnxruntime as ort
+
+    out = tmp_path / "runs"
+    assert main(["run", *tiny_args(fake_root, out)]) == 0
+    printed = capsys.readouterr().out
+    assert "student distilled int8" in printed and "ORT b=1 median / p90" in printed
+    card = json.loads((out / "tiny" / "results.json").read_text())["card"]
+    assert [r["label"] for r in card["rows"]] == ["teacher", "student alone", "student distilled",
+                                                  "student distilled int8"]
+    checkpoint = out / "tiny" / "student_distilled" / "checkpoint.pt"
+    assert main(["export", str(checkpoint), "--set", f"data.root={fake_root}", "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "outputs match PyTorch" in printed and "int8 (" in printed
+    session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # the dynamic batch axis

@@ -18,7 +18,19 @@ import torch
 from torch import nn
 
 from distillery.config import ConfigError, ModelConfig
-from distillery.data import ImageDataset
+from distillery.data import BatchLoader, ImageDataset
+from distillery.deploy import (
+    Card,
+    CardInput,
+    ExportResult,
+    QuantizeResult,
+    build_card,
+    export_model,
+    model_logits,
+    onnx_accuracy,
+    quantize_onnx,
+    top1_accuracy,
+)
 from distillery.networks import load_trained_model
 from distillery.recipe import RunConfig, recipe_runs
 from distillery.report import (
@@ -101,6 +113,42 @@ def eval_job(config: RunConfig, checkpoints: Sequence[str], ensemble: bool = Fal
     return rows
 
 
+SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors", "torchscript": ".torchscript.pt"}
+
+
+@dataclass
+class ExportJobResult:
+    export: ExportResult
+    int8: QuantizeResult | None
+    int8_accuracy: float | None
+    accuracy: float
+
+
+def export_job(config: RunConfig, checkpoint: str, fmt: str, output: str | None, int8: str | None) -> ExportJobResult:
+    """``distillery export``: the student of ``checkpoint`` alone, verified against PyTorch on up to
+    1,000 test inputs, to ONNX, safetensors or TorchScript; with ``int8`` also an int8 ONNX copy
+    (calibrated on 500 training inputs) whose test accuracy is measured."""
+    runs = recipe_runs(config)
+    data = make_runner(JobOptions()).data
+    train, test = data.pair(runs.alone.data)
+    trusted = {config.teacher.model.name, config.student.model.name}
+    model, spec = load_trained_model(checkpoint, None, test, trusted_models=trusted)
+    inputs = next(BatchLoader(test, len(test)).epoch(0))
+    path = Path(output) if output else Path(checkpoint).with_suffix(SUFFIXES[fmt])
+    meta = {"model": spec.model_dump(mode="json"), "num_classes": test.num_classes}
+    result = export_model(model, inputs.inputs[:2], path, fmt, verify_inputs=inputs.inputs[:1000],
+                          metadata=meta if fmt == "safetensors" else None)
+    accuracy = top1_accuracy(model_logits(model, inputs.inputs), inputs.targets)
+    if int8 is None:
+        return ExportJobResult(result, None, None, accuracy)
+    if fmt != "onnx":
+        raise ConfigError(f"--int8 quantises the ONNX export; use --format onnx (got {fmt})")
+    calibration = next(BatchLoader(train.subset(500, seed=config.seed), 500).epoch(0)).inputs
+    quantized = quantize_onnx(path, path.with_suffix(".int8.onnx"), int8, calibration=calibration)
+    int8_accuracy = onnx_accuracy(quantized.path, inputs.inputs, inputs.targets)
+    return ExportJobResult(result, quantized, int8_accuracy, accuracy)
+
+
 @dataclass
 class MainJobResult:
     rows: list[ModelRow]
@@ -108,6 +156,7 @@ class MainJobResult:
     plot_path: Path
     table_text: str
     seconds: float
+    card: Card | None = None
 
     @property
     def gain(self) -> float:
@@ -143,10 +192,24 @@ def run_main_job(config: RunConfig, options: JobOptions = JobOptions()) -> MainJ
         {"teacher": teacher.history, "student alone": alone.history, "student distilled": distilled.history},
         out / "learning_curves.png", title=f"{config.name}: {config.data.dataset}",
     )
+    card = _deployment_card(config, runner.data.pair(runs.alone.data)[0], test, out, (
+        ("teacher", teacher.model, config.teacher.model), ("student_alone", alone.model, config.student.model),
+        ("student_distilled", distilled.model, config.student.model)))
     seconds = time.perf_counter() - started
     report_path = _write_report(config, runs.distilled, rows, out, len(runner.data.pair(runs.alone.data)[0]),
-                                len(test), seconds)
-    return MainJobResult(rows, report_path, plot_path, text_table(rows), seconds)
+                                len(test), seconds, card)
+    return MainJobResult(rows, report_path, plot_path, text_table(rows), seconds, card)
+
+
+def _deployment_card(config: RunConfig, train: ImageDataset, test: ImageDataset, out: Path,
+                     models: tuple[tuple[str, nn.Module, ModelConfig], ...]) -> Card:
+    """The compression card of the deployed models (ONNX, safetensors, int8) in ``<out>/deploy``."""
+    batch = next(BatchLoader(test, len(test)).epoch(0))
+    calibration = next(BatchLoader(train.subset(500, seed=config.seed), 500).epoch(0)).inputs
+    inputs = [CardInput(role, copy.deepcopy(model).cpu(), _describe(spec), spec.model_dump(mode="json"))
+              for role, model, spec in models]
+    return build_card(inputs, batch.inputs, batch.targets, None, out / "deploy", threads=torch.get_num_threads(),
+                      calibration=calibration)
 
 
 def _measured_row(label: str, model: nn.Module, spec: ModelConfig, test: ImageDataset,
@@ -163,7 +226,7 @@ def _measured_row(label: str, model: nn.Module, spec: ModelConfig, test: ImageDa
 
 
 def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], out: Path, n_train: int,
-                  n_test: int, seconds: float) -> Path:
+                  n_test: int, seconds: float, card: Card) -> Path:
     methods = " → ".join(f"{s.method.name} {s.method.options()}" for s in distilled.stages)
     gain = 100 * (rows[2].test_accuracy - rows[1].test_accuracy)
     report = (
@@ -172,13 +235,15 @@ def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], o
         f"method: {methods}.\n\n"
         f"{markdown_table(rows)}\n"
         f"Distilled minus alone: {gain:+.2f} points. Latency and throughput: CPU, "
-        f"{torch.get_num_threads()} threads, eval mode.\n\n![learning curves](learning_curves.png)\n"
+        f"{torch.get_num_threads()} threads, eval mode.\n\n"
+        f"The deployed models (ONNX, safetensors, int8), measured in PyTorch and onnxruntime: "
+        f"[deploy/card.md](deploy/card.md).\n\n![learning curves](learning_curves.png)\n"
     )
     report_path = out / "report.md"
     report_path.write_text(report)
     (out / "results.json").write_text(json.dumps({
         "config": config.model_dump(mode="json"), "rows": [r.as_dict() for r in rows],
-        "gain_points": gain, "seconds": seconds,
+        "gain_points": gain, "seconds": seconds, "card": card.as_dict(),
     }, indent=2))
     return report_path
 

@@ -60,14 +60,25 @@ def load_yaml(text: str, source: str = "<yaml>") -> Any:
         raise YamlError(source, mark.line + 1 if mark else None, f"not valid YAML: {problem}") from None
     except yaml.YAMLError as err:
         raise YamlError(source, None, f"not valid YAML: {err}") from None
-    except RecursionError:
-        raise YamlError(source, None, f"nested more than {MAX_DEPTH} levels deep") from None
     finally:
         loader.dispose()
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (merge keys ``<<`` aside)."""
+    """SafeLoader that refuses a key given twice in one mapping (merge keys ``<<`` aside) and
+    nesting deeper than MAX_DEPTH (before its recursive composer could run out of stack)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise YamlError(self.name, self.peek_event().start_mark.line + 1,
+                                f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
@@ -88,39 +99,42 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _count_expanded(root: yaml.Node, source: str) -> None:
-    """Refuse ``root`` if writing out its aliases would give more than MAX_NODES nodes (or a cycle).
+    """Refuse ``root`` if writing out its aliases would give more than MAX_NODES nodes, nesting
+    deeper than MAX_DEPTH, or a cycle.
 
-    size(node) = 1 + sum of its children's sizes, with a shared (aliased) node counted at every
-    place it appears; each distinct node is measured once, so a bomb is refused in linear time.
+    size(node) = 1 + the sum of its children's sizes and height(node) = 1 + their largest height,
+    a shared (aliased) node counting at every place it appears; each distinct node is measured
+    once, so a bomb is refused in time linear in the document.
     """
-    sizes: dict[int, int] = {}
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (size, height)
     in_progress: set[int] = set()
 
-    def size(node: yaml.Node, depth: int) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
-        if depth > MAX_DEPTH:
-            raise YamlError(source, node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        line = node.start_mark.line + 1
         if id(node) in in_progress:
-            raise YamlError(source, node.start_mark.line + 1, "an alias refers to a value that contains it")
-        in_progress.add(id(node))
-        children: list[yaml.Node] = []
-        if isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-        total = 1
-        for child in children:
-            total += size(child, depth + 1)
-            if total > MAX_NODES:
-                raise YamlError(source, node.start_mark.line + 1,
-                                f"more than {MAX_NODES:,} values once its aliases (*name) are expanded: "
-                                "an alias bomb, or far larger than any config")
-        in_progress.discard(id(node))
-        sizes[id(node)] = total
-        return total
+            raise YamlError(source, line, "an alias refers to a value that contains it")
+        if id(node) not in measured:
+            in_progress.add(id(node))
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            size, height = 1, 1
+            for child in children:
+                child_size, child_height = measure(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > MAX_NODES:
+                    raise YamlError(source, line, f"more than {MAX_NODES:,} values once its aliases (*name) are "
+                                                  "expanded: an alias bomb, or far larger than any config")
+            in_progress.discard(id(node))
+            measured[id(node)] = (size, height)
+        size, height = measured[id(node)]
+        if depth + height > MAX_DEPTH:
+            raise YamlError(source, line, f"nested more than {MAX_DEPTH} levels deep once its aliases are expanded")
+        return size, height
 
-    size(root, 0)
+    measure(root, 0)
 
 
 def _unshared(value: Any) -> Any:

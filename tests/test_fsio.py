@@ -216,3 +216,14 @@ def test_a_symlink_planted_as_the_lock_file_is_refused_and_not_followed(tmp_path
     with pytest.raises(WriteError, match="symbolic link"):
         FolderLock(folder, "training").acquire()
     assert target.read_text() == "keep me"
+
+
+def test_a_full_disk_when_taking_a_lock_is_a_write_error_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(WriteError, match=f"cannot write the lock file {tmp_path / '.lock'}: No space left"):
+        FolderLock(tmp_path, "training").acquire()
+    monkeypatch.undo()
+    assert _names(tmp_path) == []

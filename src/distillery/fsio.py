@@ -335,9 +335,12 @@ class FolderLock:
             warnings.warn(StaleLockWarning(
                 f"{self.folder}: took over the lock left by {previous.describe()}, which no longer holds it "
                 "(it was killed or crashed); its unfinished files there may be incomplete"), stacklevel=4)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(asdict(LockHolder.of_this_process(self.purpose))).encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(asdict(LockHolder.of_this_process(self.purpose))).encode(), 0)
+        except OSError as err:  # a full disk: leave no half-written lock behind
+            self.path.unlink(missing_ok=True)
+            raise write_error(self.path, err, existed=False, what="lock file") from err
 
     def _busy_message(self, holder: LockHolder | None) -> str:
         waited = f" (waited {self.wait_s:g} s)" if self.wait_s > 0 else ""

@@ -164,6 +164,9 @@ def test_code_policy_from_arguments_and_the_settings_file(tmp_path):
     ("resnet20", {"width": 10**5}, "width must be a whole number"),
     ("mlp", {"num_classes": 0}, "num_classes must be a whole number"),
     ("cnn", {"input_size": 2**20}, "input_size must be a whole number"),
+    ("mlp", {"hidden": [8] * 5000}, "hidden lists 5,000 layers, more than 1,024"),
+    ("distillery.models.resnet:CifarResNet", {"depth": 6 * 10**8 + 2}, "depth must be a whole number from 1 to 1,202"),
+    ("torch.nn:Conv2d", {"in_channels": 0, "out_channels": 2, "kernel_size": 3}, "in_channels must be a whole"),
 ])
 def test_model_sizes_must_be_whole_numbers_in_range(name, kwargs, words):
     with pytest.raises(ValueError) as info:

@@ -48,6 +48,9 @@ BUILDABLE_WITHOUT_CONSENT = ("torch.nn", "distillery.models")
 
 MAX_SIZE = 1 << 16
 """Largest value of a size option (a width, hidden size, channel or class count) of a registered model."""
+MAX_DEPTH = 1202
+"""Largest ``depth``: the deepest CIFAR ResNet He et al. (2016) trained."""
+MAX_HIDDEN_LAYERS = 1024
 MAX_PARAMETERS = 1 << 30
 """Most parameters and buffers a model built here may have (4 GiB of float32)."""
 SIZE_OPTIONS = ("in_channels", "num_classes", "input_size", "width", "fc_width", "depth")
@@ -153,6 +156,7 @@ def create_model(
             accepted = {}
         extra = {k: v for k, v in data_args.items() if k in accepted and k not in kwargs}
         if _buildable_without_consent(factory):
+            check_size_options(name, {**extra, **kwargs})
             return _build_within_limits(factory, name, {**extra, **kwargs}, max_parameters)
         return call_user_factory(factory, name, {**extra, **kwargs})
     if name not in _MODELS:
@@ -168,16 +172,20 @@ def create_model(
 
 
 def check_size_options(name: str, options: dict[str, Any]) -> None:
-    """Refuse size options (:data:`SIZE_OPTIONS`, and each of ``hidden``) that are not whole numbers in 1..MAX_SIZE."""
+    """Refuse size options (:data:`SIZE_OPTIONS`, and each of ``hidden``) that are not whole numbers
+    from 1 to MAX_SIZE (``depth``: MAX_DEPTH), or more than MAX_HIDDEN_LAYERS hidden layers."""
     sizes = [(key, options[key]) for key in SIZE_OPTIONS if key in options]
     if "hidden" in options:
         hidden = options["hidden"]
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise ValueError(f"model {name!r}: hidden must be a list of layer sizes, got {hidden!r}")
+        if len(hidden) > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"model {name!r}: hidden lists {len(hidden):,} layers, more than {MAX_HIDDEN_LAYERS:,}")
         sizes += [(f"hidden[{i}]", size) for i, size in enumerate(hidden)]
     for key, value in sizes:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
-            raise ValueError(f"model {name!r}: {key} must be a whole number from 1 to {MAX_SIZE:,}, got {value!r}")
+        limit = MAX_DEPTH if key == "depth" else MAX_SIZE
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ValueError(f"model {name!r}: {key} must be a whole number from 1 to {limit:,}, got {value!r}")
 
 
 def _build_within_limits(factory: Callable[..., nn.Module], name: str, options: dict[str, Any],

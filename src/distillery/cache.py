@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distillery import fsio
 from distillery.data import BatchLoader, ImageDataset
-from distillery.fsio import FolderBusyError, FolderLock, WriteError, atomic_write, remove_stale_temps
 from distillery.methods.base import ModelOutputs, Teacher
 
 FORMAT_VERSION = 1
@@ -150,8 +150,8 @@ class TeacherCache:
             raise ValueError(f"cache entry name must be a plain file name, got {name!r}")
         return self.dir / f"{name}.bin", self.dir / f"{name}.json"
 
-    def _lock(self) -> FolderLock:
-        return FolderLock(self.dir, f"writing teacher cache key {self.key}", wait_s=self.lock_wait_s)
+    def _lock(self) -> fsio.FolderLock:
+        return fsio.FolderLock(self.dir, f"writing teacher cache key {self.key}", wait_s=self.lock_wait_s)
 
     def save(self, name: str, tensor: Tensor) -> None:
         """Write ``tensor`` (rows = examples) as entry ``name``, holding the key's lock: data first, header last."""
@@ -171,7 +171,7 @@ class TeacherCache:
         try:
             with self._lock():
                 return self._read(name, count).tensor
-        except (FolderBusyError, WriteError):  # still being written, or a cache we may only read
+        except (fsio.FolderBusyError, fsio.WriteError):  # still being written, or a cache we may only read
             return None
 
     def remove(self, name: str) -> None:
@@ -201,7 +201,7 @@ class TeacherCache:
         lock = self._lock()
         try:
             lock.acquire()
-        except FolderBusyError as busy:
+        except fsio.FolderBusyError as busy:
             warnings.warn(CacheBusyWarning(f"teacher cache {self.dir}: {busy} Computing {', '.join(missing)} in "
                                            "memory, without storing them."), stacklevel=2)
             return {**found, **self._compute_checked(missing, compute, count)}
@@ -265,13 +265,13 @@ class TeacherCache:
             "dtype": str(t.dtype).removeprefix("torch."), "count": t.shape[0] if t.dim() else 0,
             "bytes": t.numel() * t.element_size(), "sha256": hashlib.sha256(raw).hexdigest(),
         }
-        atomic_write(data_path, raw, make_parents=True, what="teacher cache entry")
-        atomic_write(header_path, json.dumps(header, indent=1), what="teacher cache header")
+        fsio.atomic_write(data_path, raw, make_parents=True, what="teacher cache entry")
+        fsio.atomic_write(header_path, json.dumps(header, indent=1), what="teacher cache header")
 
     def _remove(self, name: str) -> None:
         for path in self._paths(name)[::-1]:  # header first: the entry is invalid from the first unlink
             path.unlink(missing_ok=True)
-            remove_stale_temps(path)
+            fsio.remove_stale_temps(path)
 
     def _read(self, name: str, count: int | None) -> _Lookup:
         """Entry ``name`` as it is on disk now, checked; never changes anything."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from distillery import fsio
 from distillery.train import checkpoint
 
 torch.set_num_threads(1)
@@ -44,7 +45,7 @@ def inspect(path: Path) -> dict:
 
 def die_before_rename(path: Path) -> None:
     checkpoint.save_checkpoint(state(1), path)
-    checkpoint.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+    fsio.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.save_checkpoint(state(2), path)
     os._exit(1)  # not reached
 

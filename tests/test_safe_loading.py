@@ -99,6 +99,7 @@ def test_a_user_model_named_in_the_config_is_allowed(tmp_path):
     path = tmp_path / "checkpoint.pt"
     model = five_class_mlp()
     save_checkpoint({"meta": {"model": {"name": "fakes:five_class_mlp"}}, "student": model.state_dict()}, path)
-    loaded, spec = load_trained_model(path, None, random_dataset(8), trusted_models={"fakes:five_class_mlp"})
+    loaded, spec = load_trained_model(path, None, random_dataset(8), trusted_models={"fakes:five_class_mlp"},
+                                      allow_code=["fakes"])
     assert spec.name == "fakes:five_class_mlp"
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -33,6 +33,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                              "(repeatable; values are parsed as YAML)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--allow-code", dest="allow_code", action="append", default=[], metavar="PACKAGE",
+                        help="allow a config to import and call models (or datasets) from this package, as "
+                             "'PACKAGE.module:callable' (repeatable; or list them as allow_code in "
+                             "~/.config/distillery/settings.yaml). Without it no code named in a config runs")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -164,8 +168,9 @@ def _report_error(err: Exception, debug: bool) -> int:
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     from distillery.deploy import ExportMismatchError
+    from distillery.fsio import FolderBusyError
 
-    if isinstance(err, (ConfigError, ValueError, OSError, ExportMismatchError)):
+    if isinstance(err, (ConfigError, ValueError, OSError, ExportMismatchError, FolderBusyError)):
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     raise err
@@ -194,10 +199,17 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, [*first, *args.overrides, *extra])
 
 
+def _code_policy(args: argparse.Namespace):
+    from distillery.models.registry import CodePolicy
+
+    return CodePolicy.from_settings().union(CodePolicy.of(args.allow_code))
+
+
 def _options(args: argparse.Namespace):
     from distillery.pipeline import JobOptions
 
-    return JobOptions(resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    return JobOptions(resume=getattr(args, "resume", False), overwrite=getattr(args, "overwrite", False),
+                      progress=not args.no_progress, allow_code=_code_policy(args))
 
 
 # ---------------------------------------------------------------- one function per command
@@ -251,7 +263,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from distillery.pipeline import export_job
 
-    result = export_job(_config(args), args.checkpoint, args.format, args.output, args.int8)
+    result = export_job(_config(args), args.checkpoint, args.format, args.output, args.int8, _options(args))
     e = result.export
     print(f"{e.format}: {e.path} ({e.size_bytes:,} bytes), outputs match PyTorch on {e.samples_checked} test "
           f"inputs (largest difference {e.max_abs_diff:.2e}, tolerance {e.tolerance:.2e}); test accuracy "
@@ -265,7 +277,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from distillery.pipeline import eval_job
 
-    for row in eval_job(_config(args), args.checkpoints, args.ensemble):
+    for row in eval_job(_config(args), args.checkpoints, args.ensemble, _options(args)):
         print(f"{row.path}: {row.model} test accuracy {100 * row.accuracy:.2f} %  loss {row.loss:.4f}")
     return 0
 

@@ -16,8 +16,9 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distillery.safe_yaml import YamlError, load_yaml
 
 # Largest stored feature target (all training examples) that ``store_teacher: auto`` keeps without
 # being asked, MB (``teacher.cache_max_mb``).
@@ -165,7 +166,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {key}: {where} is a value, not a section")
     last = parts[-1]
-    parsed = yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = load_yaml(value, f"--set {key}") if value != "" else None
+    except YamlError as err:
+        raise ConfigError(f"--set {key}: the value is not valid YAML: {err}") from None
     if isinstance(node, list):
         node[_list_index(last, node, key)] = parsed
     else:
@@ -181,13 +185,13 @@ def _list_index(part: str, node: list, where: str) -> int:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The top-level mapping of a YAML file, or a :class:`ConfigError` naming the file and the fault."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path} (shipped recipes, usable by name: "
                           f"{', '.join(shipped_recipes())})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot be read: {err}") from None
-    except yaml.YAMLError as err:
+    except YamlError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")

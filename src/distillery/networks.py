@@ -11,20 +11,27 @@ from torch import nn
 from distillery.config import ModelConfig
 from distillery.data import ImageDataset
 from distillery.models import create_model
+from distillery.models.registry import AllowCode, CodePolicy
 from distillery.train.checkpoint import CheckpointError, load_model_state, load_weights
 
 
-def build_model(spec: ModelConfig, data: ImageDataset, num_classes: int | None = None) -> nn.Module:
-    """The network ``spec`` names, sized for ``data`` (``num_classes`` overrides the data's class count)."""
+def build_model(spec: ModelConfig, data: ImageDataset, num_classes: int | None = None,
+                allow_code: AllowCode | CodePolicy = False) -> nn.Module:
+    """The network ``spec`` names, sized for ``data`` (``num_classes`` overrides the data's class count).
+
+    A ``package.module:callable`` is imported and called only as ``allow_code`` permits (the user's
+    ``--allow-code`` consent; see :class:`~distillery.models.registry.CodePolicy`).
+    """
     try:
         return create_model(spec.name, in_channels=data.in_channels, num_classes=num_classes or data.num_classes,
-                            input_size=data.input_size, **spec.kwargs)
+                            input_size=data.input_size, allow_code=allow_code, **spec.kwargs)
     except TypeError as err:  # an option the factory does not take, or a missing one
         raise ValueError(f"model {spec.name!r} cannot be built with kwargs {spec.kwargs}: {err}") from None
 
 
 def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDataset,
-                       trusted_models: Collection[str] = ()) -> tuple[nn.Module, ModelConfig]:
+                       trusted_models: Collection[str] = (),
+                       allow_code: AllowCode | CodePolicy = False) -> tuple[nn.Module, ModelConfig]:
     """A network from a distillery checkpoint (built from its own model spec unless ``spec`` is
     given) or from a plain ``state_dict`` file (``spec`` required).
 
@@ -48,6 +55,6 @@ def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDa
                 f"{path}: the checkpoint names the user model {spec.name!r}; code named by a file is not imported. "
                 "Name the same model in your config (teacher.model or student.model) to allow it."
             )
-    model = build_model(spec, data, (meta or {}).get("num_classes"))
+    model = build_model(spec, data, (meta or {}).get("num_classes"), allow_code)
     load_model_state(model, weights, str(path))
     return model, spec

@@ -31,6 +31,7 @@ from distillery.deploy import (
     quantize_onnx,
     top1_accuracy,
 )
+from distillery.models.registry import CodePolicy
 from distillery.networks import load_trained_model
 from distillery.recipe import RunConfig, recipe_runs
 from distillery.report import (
@@ -51,15 +52,18 @@ from distillery.train.loop import CHECKPOINT_NAME
 
 @dataclass(frozen=True)
 class JobOptions:
-    """How a job treats existing run folders, and whether it shows progress."""
+    """How a job treats existing run folders, whether it shows progress, and which user code
+    (``package.module:callable`` models) the user consented to (``--allow-code``)."""
 
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    allow_code: CodePolicy = CodePolicy()
 
 
 def make_runner(options: JobOptions) -> Runner:
-    return Runner(resume=options.resume, overwrite=options.overwrite, progress=options.progress)
+    return Runner(resume=options.resume, overwrite=options.overwrite, progress=options.progress,
+                  allow_code=options.allow_code)
 
 
 def train_job(config: RunConfig, role: str, options: JobOptions = JobOptions()) -> TrainedModel:
@@ -93,7 +97,8 @@ class EvalRow:
     loss: float
 
 
-def eval_job(config: RunConfig, checkpoints: Sequence[str], ensemble: bool = False) -> list[EvalRow]:
+def eval_job(config: RunConfig, checkpoints: Sequence[str], ensemble: bool = False,
+             options: JobOptions = JobOptions()) -> list[EvalRow]:
     """``distillery eval``: each checkpoint on the recipe's test set (and their ensemble if asked)."""
     runs = recipe_runs(config)
     test = make_runner(JobOptions()).data.test(runs.alone.data)
@@ -101,7 +106,7 @@ def eval_job(config: RunConfig, checkpoints: Sequence[str], ensemble: bool = Fal
     trusted = {config.teacher.model.name, config.student.model.name}
     models = []
     for path in checkpoints:
-        model, spec = load_trained_model(path, None, test, trusted_models=trusted)
+        model, spec = load_trained_model(path, None, test, trusted_models=trusted, allow_code=options.allow_code)
         models.append((path, spec.name, model.to(device)))
     batch = config.data.eval_batch_size
     if not ensemble:
@@ -124,7 +129,8 @@ class ExportJobResult:
     accuracy: float
 
 
-def export_job(config: RunConfig, checkpoint: str, fmt: str, output: str | None, int8: str | None) -> ExportJobResult:
+def export_job(config: RunConfig, checkpoint: str, fmt: str, output: str | None, int8: str | None,
+               options: JobOptions = JobOptions()) -> ExportJobResult:
     """``distillery export``: the student of ``checkpoint`` alone, verified against PyTorch on up to
     1,000 test inputs, to ONNX, safetensors or TorchScript; with ``int8`` also an int8 ONNX copy
     (calibrated on 500 training inputs) whose test accuracy is measured."""
@@ -132,7 +138,7 @@ def export_job(config: RunConfig, checkpoint: str, fmt: str, output: str | None,
     data = make_runner(JobOptions()).data
     train, test = data.pair(runs.alone.data)
     trusted = {config.teacher.model.name, config.student.model.name}
-    model, spec = load_trained_model(checkpoint, None, test, trusted_models=trusted)
+    model, spec = load_trained_model(checkpoint, None, test, trusted_models=trusted, allow_code=options.allow_code)
     inputs = next(BatchLoader(test, len(test)).epoch(0))
     path = Path(output) if output else Path(checkpoint).with_suffix(SUFFIXES[fmt])
     meta = {"model": spec.model_dump(mode="json"), "num_classes": test.num_classes}

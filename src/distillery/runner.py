@@ -8,6 +8,7 @@ hands the rest to the :class:`~distillery.train.Trainer`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from distillery.data import ImageDataset, load_idx_dataset
+from distillery.fsio import LOCK_NAME, FolderLock
+from distillery.models.registry import AllowCode, CodePolicy
 from distillery.networks import build_model, load_trained_model
 from distillery.spec import SPEC_FORMAT, DataSpec, RunSpec, TeacherRef
 from distillery.teacher import Teacher
@@ -96,7 +99,7 @@ def prepare_run_dir(run_dir: Path, key: str, *, resume: bool, overwrite: bool) -
     """
     path = run_dir / CHECKPOINT_NAME
     if not path.exists():
-        if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+        if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not (overwrite or resume):
             raise RunFolderError(f"{run_dir} exists and holds files but no checkpoint; pass --resume to start it "
                                  "again there, --overwrite to move it aside, or choose another --set name=...")
         return "new"
@@ -116,7 +119,10 @@ def prepare_run_dir(run_dir: Path, key: str, *, resume: bool, overwrite: bool) -
         raise RunFolderError(f"{run_dir} holds {what}; {advice}pass --overwrite to move it aside and start "
                              "again, or choose another --set name=...")
     backup = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(run_dir), backup)
+    backup.mkdir()
+    for item in run_dir.iterdir():  # the folder itself, and the lock this process holds in it, stay
+        if item.name != LOCK_NAME:
+            shutil.move(str(item), backup / item.name)
     return "new"
 
 
@@ -134,12 +140,17 @@ class Runner:
 
     ``folder_for`` places runs that have no ``folder`` of their own (see :func:`default_folder`).
     ``callbacks`` are given to every run's trainer. A finished run is announced as reused.
+    ``allow_code`` is the user's consent to import the ``package.module:callable`` models named.
+    Each run holds its folder's lock while it decides on and trains in it: a second process on the
+    same folder is refused with a message naming the first.
     """
 
     def __init__(self, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
                  echo: Callable[[str], None] = print, folder_for: Callable[[RunSpec], Path] | None = None,
-                 data: DataStore | None = None, callbacks: Sequence[Callback] = ()) -> None:
+                 data: DataStore | None = None, callbacks: Sequence[Callback] = (),
+                 allow_code: AllowCode | CodePolicy = False) -> None:
         self.resume, self.overwrite, self.progress, self.echo = resume, overwrite, progress, echo
+        self.allow_code = allow_code
         self.folder_for = folder_for
         self.data = data if data is not None else DataStore()
         self.callbacks = tuple(callbacks)
@@ -161,8 +172,27 @@ class Runner:
         teachers = [self.teacher_model(ref, train_data) for ref in spec.teachers]
         device = resolve_device(spec.device)  # bad input fails before any folder is touched
         seed_everything(spec.seed, spec.deterministic)
-        model = build_model(spec.model, train_data)
+        model = build_model(spec.model, train_data, allow_code=self.allow_code)
         run_dir = self.folder(spec)
+        with self._folder_lock(run_dir, spec):
+            history, action = self._fit(spec, model, run_dir, device, teachers, train_data, test_data)
+        model.eval()
+        trained = TrainedModel(spec, model, history, run_dir)
+        self.counts["reused" if action == "reuse" else "trained"] += 1
+        if action == "reuse":
+            self.echo(f"{spec.label}: reusing {run_dir}, {100 * trained.test_accuracy:.2f} %")
+        self._done[spec.key] = trained
+        return trained
+
+    def _folder_lock(self, run_dir: Path, spec: RunSpec) -> contextlib.AbstractContextManager:
+        """This run folder's lock (rank 0 only: the other ranks of a torchrun job write nothing)."""
+        if not distributed.current().is_main:
+            return contextlib.nullcontext()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return FolderLock(run_dir, f"training {spec.label}")
+
+    def _fit(self, spec: RunSpec, model: nn.Module, run_dir: Path, device: torch.device, teachers: list[nn.Module],
+             train_data: ImageDataset, test_data: ImageDataset) -> tuple[list[EpochRecord], str]:
         # Distributed: rank 0 alone inspects (and may move aside) the folder; every rank gets its decision.
         action = distributed.current().on_main(
             lambda: prepare_run_dir(run_dir, spec.key, resume=self.resume, overwrite=self.overwrite))
@@ -176,19 +206,12 @@ class Runner:
             meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
                   "role": spec.label, "dataset": spec.data.dataset, "num_classes": train_data.num_classes},
         )
-        history = trainer.fit(resume=action in ("reuse", "resume"))
-        model.eval()
-        trained = TrainedModel(spec, model, history, run_dir)
-        self.counts["reused" if action == "reuse" else "trained"] += 1
-        if action == "reuse":
-            self.echo(f"{spec.label}: reusing {run_dir}, {100 * trained.test_accuracy:.2f} %")
-        self._done[spec.key] = trained
-        return trained
+        return trainer.fit(resume=action in ("reuse", "resume")), action
 
     def teacher_model(self, ref: TeacherRef, data: ImageDataset) -> nn.Module:
         """The network of a teacher reference (trained first if needed), in eval mode on its device."""
         if ref.checkpoint is not None:
-            model, _ = load_trained_model(ref.checkpoint, ref.model, data)
+            model, _ = load_trained_model(ref.checkpoint, ref.model, data, allow_code=self.allow_code)
             return model.eval()
         assert ref.run is not None
         trained = self.train(ref.run)
@@ -198,5 +221,5 @@ class Runner:
         if not path.exists():
             raise FileNotFoundError(f"{path}: the snapshot after {ref.snapshot:g} epochs of {ref.run.label} is "
                                     f"missing; delete {trained.run_dir} to train that run again")
-        model, _ = load_trained_model(path, ref.run.model, data)
+        model, _ = load_trained_model(path, ref.run.model, data, allow_code=self.allow_code)
         return model.to(resolve_device(ref.run.device)).eval()

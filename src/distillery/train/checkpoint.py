@@ -1,20 +1,22 @@
 """Checkpoints: written atomically, loaded without unpickling arbitrary objects.
 
-A checkpoint is a dict of tensors and plain values. It is written to a temporary file in the same
-folder, flushed to disk, then renamed over the target: a crash at any moment leaves either the old
-checkpoint or the new one, never a half-written file. Loading uses ``weights_only=True``.
+A checkpoint is a dict of tensors and plain values. It is written with :func:`distillery.fsio.atomic_write`:
+to a temporary file with an unpredictable name in the same folder, flushed to disk, then renamed
+over the target, so a crash at any moment leaves either the old checkpoint or the new one, never a
+half-written file, and a failed write (a full disk) raises :class:`~distillery.fsio.WriteError`
+naming the file and saying that the previous checkpoint is intact. Loading uses ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from distillery.fsio import atomic_write, remove_stale_temps
 
 FORMAT_VERSION = 1
 
@@ -24,41 +26,17 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Atomically write ``state`` (plus a format version) to ``path``."""
+    """Atomically write ``state`` (plus a format version) to ``path``, creating its folder.
+
+    Raises :class:`~distillery.fsio.WriteError` (an ``OSError``) if the file cannot be written; the
+    previous checkpoint at ``path`` is then unchanged. Afterwards the temporary files of earlier
+    writers of ``path`` that were killed mid-write (kill -9 skips their clean-up) are deleted; those
+    of a writer still at work are not.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    _remove_stale_temps(path)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temporary files left by earlier writers of ``path`` that were killed mid-write
-    (kill -9 skips the cleanup above); one run writes one checkpoint path at a time."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f), make_parents=True,
+                 what="checkpoint")
+    remove_stale_temps(path)
 
 
 def _load_safely(path: Path, map_location: str | torch.device) -> Any:
@@ -99,7 +77,12 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """
     state = _load_safely(Path(path), map_location)
     if _is_run_checkpoint(state):
-        return state["student"], state.get("meta", {})
+        weights = state.get("student")
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            found = "has none" if weights is None else f"holds a {type(weights).__name__} there"
+            raise CheckpointError(f"{path}: a distillery checkpoint without the student's weights (its 'student' "
+                                  f"entry {found}, a dict of tensors was expected)")
+        return weights, state.get("meta", {})
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return state, None
     raise CheckpointError(f"{path}: neither a distillery checkpoint nor a state_dict of tensors")

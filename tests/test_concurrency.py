@@ -171,8 +171,9 @@ def _hold_run_folder(folder: str, ready, release) -> None:
 def test_a_second_process_on_a_training_run_folder_is_refused_naming_the_first(fake_root, tmp_path, capsys) -> None:
     import multiprocessing as mp
 
-    from distillery.cli import main
     from test_pipeline import tiny_args
+
+    from distillery.cli import main
 
     out = tmp_path / "runs"
     folder = out / "tiny" / "student_alone"

@@ -14,10 +14,11 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from distillery.data.sources import ArraysSource, DataSource, IdxSource, ImageFolderSource, PythonSource
 from distillery.safe_yaml import YamlError, load_yaml
 
 # Largest stored feature target (all training examples) that ``store_teacher: auto`` keeps without
@@ -86,12 +87,49 @@ class TrainConfig(Section):
         return data
 
 
-class DataConfig(Section):
-    dataset: Literal["fashion_mnist", "mnist"] = "fashion_mnist"
-    root: str | None = Field(None, description="folder with the idx files; the Debian package's folder is the fallback")
+class DataCommon(Section):
+    """What every ``data`` section has besides its source: subsets and the evaluation batch."""
+
     train_subset: int | None = Field(None, ge=1, description="use a random subset of this many training examples")
-    test_subset: int | None = Field(None, ge=1)
-    eval_batch_size: int = Field(1000, ge=1)
+    test_subset: int | None = Field(None, ge=1, description="use a random subset of this many test examples")
+    eval_batch_size: int = Field(1000, ge=1, le=1 << 20, description="batch size of evaluation passes")
+
+
+class IdxData(IdxSource, DataCommon):
+    """``source: idx`` (the default): MNIST or Fashion-MNIST idx files."""
+
+
+class ArraysData(ArraysSource, DataCommon):
+    """``source: arrays``: inputs and labels in .npz / .npy files, any sample shape, dtype kept."""
+
+
+class ImageFolderData(ImageFolderSource, DataCommon):
+    """``source: image_folder``: one subfolder of images per class, read with Pillow and resized."""
+
+
+class PythonData(PythonSource, DataCommon):
+    """``source: python``: a ``package.module:callable`` returning a torch Dataset (needs --allow-code)."""
+
+
+def _idx_by_default(value: Any) -> Any:
+    """Recipes written before ``source`` existed name an idx dataset: keep them valid."""
+    return {"source": "idx", **value} if isinstance(value, dict) and "source" not in value else value
+
+
+DataConfig = Annotated[IdxData | ArraysData | ImageFolderData | PythonData, Field(discriminator="source"),
+                       BeforeValidator(_idx_by_default)]
+
+
+def data_source(data: Any) -> DataSource:
+    """The source part of a ``data`` section (without the subsets), as :mod:`distillery.data.sources` reads it."""
+    cls = {"idx": IdxSource, "arrays": ArraysSource, "image_folder": ImageFolderSource,
+           "python": PythonSource}[data.source]
+    return cls.model_validate(data.model_dump(exclude=set(DataCommon.model_fields)))
+
+
+def describe_data(data: Any) -> str:
+    """``fashion_mnist`` or ``arrays: train.npz``: a data section for reports."""
+    return data.dataset if data.source == "idx" else f"{data.source}: {data.train}"
 
 
 class TeacherConfig(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from pathlib import Path
 
@@ -22,11 +23,21 @@ def build_model(spec: ModelConfig, data: ImageDataset, num_classes: int | None =
     A ``package.module:callable`` is imported and called only as ``allow_code`` permits (the user's
     ``--allow-code`` consent; see :class:`~distillery.models.registry.CodePolicy`).
     """
+    in_channels, input_size = input_geometry(tuple(data.inputs.shape[1:]))
     try:
-        return create_model(spec.name, in_channels=data.in_channels, num_classes=num_classes or data.num_classes,
-                            input_size=data.input_size, allow_code=allow_code, **spec.kwargs)
+        return create_model(spec.name, in_channels=in_channels, num_classes=num_classes or data.num_classes,
+                            input_size=input_size, allow_code=allow_code, **spec.kwargs)
     except TypeError as err:  # an option the factory does not take, or a missing one
         raise ValueError(f"model {spec.name!r} cannot be built with kwargs {spec.kwargs}: {err}") from None
+
+
+def input_geometry(sample_shape: tuple[int, ...]) -> tuple[int, int]:
+    """What a model factory is told of one sample: (channels, side) of a square C×H×W image, else
+    (the number of input values, 1) — what a network that flattens its input (an MLP) needs. Models
+    of other shapes (a 1-D convolution) are the user's own and read their sizes from their kwargs."""
+    if len(sample_shape) == 3 and sample_shape[1] == sample_shape[2]:
+        return sample_shape[0], sample_shape[1]
+    return math.prod(sample_shape), 1
 
 
 def load_trained_model(path: str | Path, spec: ModelConfig | None, data: ImageDataset,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.config import ConfigError, ModelConfig
+from distillery.config import ConfigError, ModelConfig, describe_data
 from distillery.data import BatchLoader, ImageDataset
 from distillery.deploy import (
     Card,
@@ -196,7 +196,7 @@ def run_main_job(config: RunConfig, options: JobOptions = JobOptions()) -> MainJ
     out = Path(config.output_dir) / config.name
     plot_path = plot_learning_curves(
         {"teacher": teacher.history, "student alone": alone.history, "student distilled": distilled.history},
-        out / "learning_curves.png", title=f"{config.name}: {config.data.dataset}",
+        out / "learning_curves.png", title=f"{config.name}: {describe_data(config.data)}",
     )
     card = _deployment_card(config, runner.data.pair(runs.alone.data)[0], test, out, (
         ("teacher", teacher.model, config.teacher.model), ("student_alone", alone.model, config.student.model),
@@ -237,7 +237,7 @@ def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], o
     gain = 100 * (rows[2].test_accuracy - rows[1].test_accuracy)
     report = (
         f"# {config.name}\n\n"
-        f"Dataset: {config.data.dataset} ({n_train} training, {n_test} test images); seed {config.seed}; "
+        f"Dataset: {describe_data(config.data)} ({n_train} training, {n_test} test examples); seed {config.seed}; "
         f"method: {methods}.\n\n"
         f"{markdown_table(rows)}\n"
         f"Distilled minus alone: {gain:+.2f} points. Latency and throughput: CPU, "

@@ -18,11 +18,13 @@ from pydantic import Field, ValidationError, field_validator
 from distillery.config import (
     ConfigError,
     DataConfig,
+    IdxData,
     Section,
     StudentConfig,
     TeacherConfig,
     TrainConfig,
     apply_override,
+    data_source,
     default_recipe,
     format_errors,
     read_yaml_mapping,
@@ -55,7 +57,8 @@ class RunConfig(Section):
     amp: bool = Field(False, description="mixed precision (CUDA only; ignored elsewhere)")
     sync_batchnorm: bool = Field(False, description="under torchrun on CUDA, normalise BatchNorm over the global "
                                  "batch (SyncBatchNorm) instead of each process's share")
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=IdxData, description="where the data come from: source idx (default), "
+                                                                 "arrays, image_folder or python, and subsets")
     teacher: TeacherConfig
     student: StudentConfig
     distill: DistillConfig = Field(default_factory=DistillConfig)
@@ -168,8 +171,8 @@ def recipe_runs(config: RunConfig) -> RecipeRuns:
         return RunSpec(role, model, stages, data, config.seed, teachers,
                        folder=str(Path(config.output_dir) / config.name / role), **how)
 
-    data = DataSpec(config.data.dataset, config.data.root, config.data.train_subset, 0, config.data.test_subset,
-                    split_seed=config.seed, test_seed=config.seed)
+    data = DataSpec(train_size=config.data.train_subset, test_size=config.data.test_subset, split_seed=config.seed,
+                    test_seed=config.seed, source=data_source(config.data))
     how = {"device": config.device, "amp": config.amp, "deterministic": config.deterministic,
            "sync_batchnorm": config.sync_batchnorm, "eval_batch_size": config.data.eval_batch_size,
            "cache": CacheSpec(_text(teacher_cache_dir(config)), config.teacher.cache_max_mb)}

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.data import ImageDataset, load_idx_dataset
+from distillery.data import ImageDataset
+from distillery.data.sources import DataSource, PythonSource, load_data
 from distillery.fsio import LOCK_NAME, FolderLock
 from distillery.models.registry import AllowCode, CodePolicy
 from distillery.networks import build_model, load_trained_model
@@ -54,16 +55,27 @@ class TrainedModel:
 
 
 class DataStore:
-    """Loads each split of a dataset once and cuts the subsets a :class:`DataSpec` describes."""
+    """Loads each data source once and cuts the subsets a :class:`DataSpec` describes.
 
-    def __init__(self) -> None:
-        self._splits: dict[tuple[str, str | None, str], ImageDataset] = {}
+    ``allow_code``: the user's consent to call the Dataset factory of a ``python`` source.
+    """
+
+    def __init__(self, allow_code: AllowCode | CodePolicy = False) -> None:
+        self.allow_code = CodePolicy.of(allow_code)
+        self._loaded: dict[str, tuple[ImageDataset, ImageDataset]] = {}
 
     def split(self, spec: DataSpec, name: str) -> ImageDataset:
-        key = (spec.dataset, spec.root, name)
-        if key not in self._splits:
-            self._splits[key] = load_idx_dataset(spec.dataset, name, spec.root)
-        return self._splits[key]
+        """The whole ``train`` or ``test`` split of the spec's source."""
+        source = spec.data_source
+        key = source.model_dump_json()
+        if key not in self._loaded:
+            self._loaded[key] = load_data(source, seed=0, allow_code=self._permits(source))
+        return self._loaded[key][0 if name == "train" else 1]
+
+    def _permits(self, source: DataSource) -> bool:
+        targets = [t for t in (getattr(source, "train", None), getattr(source, "test", None))
+                   if isinstance(source, PythonSource) and t]
+        return bool(targets) and all(self.allow_code.permits(t.partition(":")[0]) for t in targets)
 
     def train_val(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None]:
         """The training subset (classes omitted) and the held-out validation examples (None if none)."""
@@ -152,7 +164,7 @@ class Runner:
         self.resume, self.overwrite, self.progress, self.echo = resume, overwrite, progress, echo
         self.allow_code = allow_code
         self.folder_for = folder_for
-        self.data = data if data is not None else DataStore()
+        self.data = data if data is not None else DataStore(allow_code)
         self.callbacks = tuple(callbacks)
         self.counts = {"trained": 0, "reused": 0}
         self._done: dict[str, TrainedModel] = {}
@@ -204,7 +216,7 @@ class Runner:
             progress=self.progress, sync_batchnorm=spec.sync_batchnorm, snapshot_epochs=spec.snapshots,
             callbacks=self.callbacks,
             meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
-                  "role": spec.label, "dataset": spec.data.dataset, "num_classes": train_data.num_classes},
+                  "role": spec.label, "dataset": spec.data.name, "num_classes": train_data.num_classes},
         )
         return trainer.fit(resume=action in ("reuse", "resume")), action
 

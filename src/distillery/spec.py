@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import DEFAULT_MAX_MB, ModelConfig, TrainConfig, fingerprint
+from distillery.data.sources import DataSource, IdxSource
 from distillery.methods import MethodParams, create_method, method_class
 from distillery.train import Stage
 
@@ -34,6 +35,9 @@ class DataSpec:
     training split drawn with ``split_seed``; the next ``val_size`` examples are held out for
     validation. The test subset (``test_size``, None = all) is drawn with ``test_seed``.
     ``omit_classes`` are removed from the training subset (Hinton's omitted-class transfer set).
+    The data come from ``source`` (any :data:`~distillery.data.sources.DataSource`: idx files,
+    arrays, an image folder, a user's Dataset), or when it is None from the idx files of
+    ``dataset`` in ``root``.
     """
 
     dataset: str = "fashion_mnist"
@@ -44,11 +48,40 @@ class DataSpec:
     split_seed: int = 0
     test_seed: int = 0
     omit_classes: tuple[int, ...] = ()
+    source: DataSource | None = None
+
+    @property
+    def data_source(self) -> DataSource:
+        return self.source if self.source is not None else IdxSource(dataset=self.dataset, root=self.root)
+
+    @property
+    def name(self) -> str:
+        """The dataset for people: ``fashion_mnist``, or the source and its training files."""
+        source = self.data_source
+        return source.dataset if isinstance(source, IdxSource) else f"{source.source}: {source.train}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "root": self.root, "train_size": self.train_size, "val_size": self.val_size,
-                "test_size": self.test_size, "split_seed": self.split_seed, "test_seed": self.test_seed,
-                "omit_classes": list(self.omit_classes)}
+        picked = {"train_size": self.train_size, "val_size": self.val_size, "test_size": self.test_size,
+                  "split_seed": self.split_seed, "test_seed": self.test_seed,
+                  "omit_classes": list(self.omit_classes)}
+        if self.source is None:
+            return {"dataset": self.dataset, "root": self.root, **picked}
+        return {"source": self.source.model_dump(mode="json"), "files": file_stamps(self.source), **picked}
+
+
+def file_stamps(source: DataSource) -> list[list[Any]]:
+    """(path, size, mtime) of the files and folders a source reads, so a changed file is a new run."""
+    paths: list[str] = []
+    for part in (getattr(source, "train", None), getattr(source, "test", None)):
+        if isinstance(part, str) and ":" not in part:
+            paths.append(part)
+        elif part is not None and hasattr(part, "inputs"):
+            paths += [part.inputs, part.labels]
+    stamps = []
+    for path in paths:
+        stat = Path(path).stat() if Path(path).exists() else None
+        stamps.append([str(Path(path).resolve()), stat.st_size if stat else None, stat.st_mtime if stat else None])
+    return stamps
 
 
 @dataclass(frozen=True)

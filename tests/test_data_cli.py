@@ -23,7 +23,8 @@ def _arrays(path: Path, shape: tuple[int, ...], n: int = 96, classes: int = 3) -
 def _run(data: str, out: Path, role: str = "student", model: str = "{name: mlp, kwargs: {hidden: [16]}}") -> int:
     return main(["train", "--role", role, "--no-progress", "--set", f"data={data}", "--set", f"output_dir={out}",
                  "--set", f"student.model={model}", "--set", f"teacher.model={model}",
-                 "--set", "student.train={epochs: 1, batch_size: 16}", "--set", "teacher.train={epochs: 1, batch_size: 16}"])
+                 "--set", "student.train={epochs: 1, batch_size: 16}",
+                 "--set", "teacher.train={epochs: 1, batch_size: 16}"])
 
 
 @pytest.mark.parametrize("shape", [(12,), (2, 10), (1, 8, 8)], ids=["N×D", "N×C×L", "N×C×H×W"])

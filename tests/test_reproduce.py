@@ -19,7 +19,7 @@ from distillery.config import ModelConfig, TrainConfig
 from distillery.methods import create_method
 from distillery.models.mlp import MLP
 from distillery.networks import load_trained_model
-from distillery.reproduce import EXPERIMENTS, Env, Result, run_experiment
+from distillery.reproduce import EXPERIMENTS, Env, ExperimentResult, run_experiment
 from distillery.reproduce.hinton import accuracy_with_bias, choose_bias
 from distillery.reproduce.report import Claim, build_rows, markdown_table
 from distillery.reproduce.runs import (
@@ -202,7 +202,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_fmnist(tmp_path_factory.mktemp("data"), n_train=256, n_test=64, size=8)
 
 
-def _reproduce(name: str, root: Path, out: Path, seeds: int = 2, **kwargs) -> Result:
+def _reproduce(name: str, root: Path, out: Path, seeds: int = 2, **kwargs) -> ExperimentResult:
     return run_experiment(EXPERIMENTS[name], "smoke", seeds, out, env=Env("cpu", str(root)), progress=False,
                           echo=lambda line: None, **kwargs)
 
@@ -211,7 +211,7 @@ def _final_accuracy(run_dir: Path) -> float:
     return 100 * json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["test_accuracy"]
 
 
-def _check_report(result: Result, experiment: str, extra_plots: tuple[str, ...]) -> str:
+def _check_report(result: ExperimentResult, experiment: str, extra_plots: tuple[str, ...]) -> str:
     report = result.report.read_text()
     budget = EXPERIMENTS[experiment].budgets["smoke"]
     claims = EXPERIMENTS[experiment].claims(budget)

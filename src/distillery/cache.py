@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distillery import fsio
+import distillery.fsio as fsio
 from distillery.data import BatchLoader, ImageDataset
 from distillery.teacher import ModelOutputs, Teacher, entry_name  # noqa: F401 (entry_name: part of this module's API)
 

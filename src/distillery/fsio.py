@@ -29,7 +29,8 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -384,3 +385,32 @@ def _is_same_file(fd: int, path: Path) -> bool:
         return False
     mine = os.fstat(fd)
     return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+@contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on a normal exit move it onto ``path``.
+
+    For writers that need a path rather than a file object (ONNX, safetensors).
+
+    The caller writes the temporary file and verifies it inside the block. If the block raises (a
+    failed verification), the temporary file is deleted and ``path`` keeps whatever it held before:
+    a file at ``path`` is always a complete, verified artefact. The move is ``os.replace`` (atomic
+    on one file system), after an fsync of the file's contents.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, _final_mode(path))
+        # The mode any new file gets here (0o666 less the umask); some writers (safetensors) replace
+        # the file with an owner-only one, so it is restored before the move.
+        mode = tmp.stat().st_mode & 0o777
+        yield tmp
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

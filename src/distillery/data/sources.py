@@ -24,7 +24,6 @@ import hashlib
 import importlib
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -47,6 +46,7 @@ from distillery.data.datasets import (
     resolve_normalisation,
     stratified_split,
 )
+from distillery.fsio import WriteError, atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 IMAGE_CACHE_FORMAT = 1  # bump when the cache file's layout or the decoding changes: old files are then ignored
@@ -445,23 +445,11 @@ def _load_image_cache(path: Path, fingerprint: str, classes: tuple[str, ...], co
 
 
 def _save_image_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write the cache file atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write the cache file atomically (:func:`distillery.fsio.atomic_write`); a failure only warns."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        warnings.warn(ImageCacheWarning(f"cannot write the image cache in {path.parent} ({err})"), stacklevel=3)
-        return
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except OSError as err:
-        warnings.warn(ImageCacheWarning(f"cannot write the image cache {path} ({err})"), stacklevel=3)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+        atomic_write(path, lambda f: np.savez(f, **arrays), make_parents=True, what="image cache")
+    except WriteError as err:
+        warnings.warn(ImageCacheWarning(f"cannot write the image cache: {err}"), stacklevel=3)
 
 
 def _check_same_classes(train: str, train_names: tuple[str, ...], test: str, test_names: tuple[str, ...]) -> None:

@@ -10,7 +10,7 @@ The export is accepted when, over every checked sample i and class k,
 i.e. ``rel_tolerance`` (default 1e-4) is relative to the scale of the logits, with an absolute floor
 for logits smaller than 1. Otherwise :class:`ExportMismatchError` names the largest difference and
 where it is. The file is staged under a temporary name and moved into place only after the check
-(:func:`~distillery.deploy.files.staged_file`), so a failed export leaves no file claiming success.
+(:func:`~distillery.fsio.staged_file`), so a failed export leaves no file claiming success.
 
 Only the network itself is exported (``model`` is the student's ``nn.Module``, not a method or a
 trainer around it); ``model`` is not modified: a CPU copy in eval mode is exported.
@@ -31,8 +31,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from distillery.deploy.files import file_size, staged_file
+from distillery.deploy.files import file_size
 from distillery.deploy.runtime import batched, onnx_session, session_call
+from distillery.fsio import staged_file
 
 ExportFormat = Literal["onnx", "safetensors", "torchscript"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)

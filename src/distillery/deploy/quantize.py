@@ -30,7 +30,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import Tensor
 
-from distillery.deploy.files import file_size, staged_file
+from distillery.deploy.files import file_size
+from distillery.fsio import staged_file
 
 QuantizeMode = Literal["dynamic", "static", "auto"]
 CALIBRATION_BATCH_SIZE = 64

@@ -9,7 +9,7 @@ is reproduced) and PNG plots. See docs/reproduce.md.
 from __future__ import annotations
 
 from distillery.reproduce import fsp, hinton, tfkd
-from distillery.reproduce.experiment import Env, Experiment, Result, run_experiment
+from distillery.reproduce.experiment import Env, Experiment, ExperimentResult, run_experiment
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (hinton.EXPERIMENT, fsp.EXPERIMENT, tfkd.EXPERIMENT)}
 
@@ -20,4 +20,4 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-__all__ = ["EXPERIMENTS", "Env", "Experiment", "Result", "get_experiment", "run_experiment"]
+__all__ = ["EXPERIMENTS", "Env", "Experiment", "ExperimentResult", "get_experiment", "run_experiment"]

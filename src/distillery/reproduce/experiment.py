@@ -62,7 +62,7 @@ class Experiment:
 
 
 @dataclass
-class Result:
+class ExperimentResult:
     out: Path
     specs: list[RunSpec]
     estimate_seconds: float | None
@@ -99,7 +99,8 @@ def plan_runs(experiment: Experiment, budget: Any, seeds: Sequence[int], env: En
 
 
 def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: str | Path, *, env: Env = Env(),
-                   dry_run: bool = False, progress: bool = True, echo: Callable[[str], None] = print) -> Result:
+                   dry_run: bool = False, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> ExperimentResult:
     """Plan, train or reuse, measure and report one experiment; see the module docstring."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
@@ -108,7 +109,7 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
     seed_list = list(range(seeds))
     plans, specs = plan_runs(experiment, budget, seed_list, env)
     estimates, total = _announce(experiment, budget, budget_name, specs, out, echo)
-    result = Result(out, specs, total, {"trained": 0, "reused": 0})
+    result = ExperimentResult(out, specs, total, {"trained": 0, "reused": 0})
     if dry_run:
         echo(plan_table(specs, out, estimates))
         return result

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from distillery.cache import CachedTeacher
 from distillery.config import DEFAULT_MAX_MB, TrainConfig
 from distillery.data import Augment, Batch, BatchLoader, ImageDataset
+from distillery.fsio import atomic_write
 from distillery.methods.base import Method
 from distillery.stored_targets import serve_targets
 from distillery.teacher import Teacher, run_student
@@ -521,10 +522,8 @@ class Trainer:
     def _rewrite_metrics(self) -> None:
         """Make metrics.jsonl agree with the checkpoint (drops epochs logged after it was written)."""
         assert self.run_dir is not None
-        path = self.run_dir / METRICS_NAME
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(path)
+        atomic_write(self.run_dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in self.history),
+                     what="metrics file")
 
     @contextmanager
     def _signals_saved(self) -> Iterator[None]:

@@ -55,7 +55,9 @@ class Method(nn.Module):
     ``needs_teacher`` says whether a teacher network must be given; ``accepts_ensemble`` whether
     that teacher may be several networks (only methods that combine the members say yes: the
     others would silently read the first member's features or mix the members' logits);
-    ``compares_logits`` whether the loss compares logits class by class (counts must agree).
+    ``compares_logits`` whether the loss compares logits class by class (counts must agree);
+    ``trains_classifier`` whether the loss reaches the classifier (not so for FSP's and FitNets'
+    first stage, after which the test accuracy is that of an untrained head).
     ``student_layers`` and ``teacher_layers`` name the submodules whose outputs the method reads.
     """
 
@@ -64,6 +66,7 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = True
     accepts_ensemble: ClassVar[bool] = False
     compares_logits: ClassVar[bool] = False
+    trains_classifier: ClassVar[bool] = True  # False for a stage-1 feature method: accuracy means nothing after it
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__()

@@ -50,6 +50,7 @@ class FitNets(Method):
     """
 
     Params = FitNetsParams
+    trains_classifier = False
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__(params)

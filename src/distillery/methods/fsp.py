@@ -85,6 +85,7 @@ class FSP(Method):
     """
 
     Params = FSPParams
+    trains_classifier = False
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__(params)

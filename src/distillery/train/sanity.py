@@ -57,7 +57,9 @@ class SanityChecks(Callback):
 
     def on_stage_end(self, event: StageEvent) -> None:
         where = f"after stage {event.stage + 1} ({event.method})"
-        if self._last_accuracy is not None and self._last_accuracy < CHANCE_FACTOR / self.num_classes:
+        trains_classifier = event.trainer.stages[event.stage].method.trains_classifier
+        if trains_classifier and self._last_accuracy is not None and \
+                self._last_accuracy < CHANCE_FACTOR / self.num_classes:
             self._warn(f"{where} the student is at chance level ({100 * self._last_accuracy:.2f} % test accuracy on "
                        f"{self.num_classes} classes); lower that stage's learning rate (train.optimizer.lr)")
         dead = dead_layers(event.trainer.student, self.probe())

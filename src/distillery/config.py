@@ -59,7 +59,8 @@ class ScheduleConfig(Section):
 
 
 class AugmentConfig(Section):
-    crop_padding: int = Field(0, ge=0, description="random crop after zero-padding by this many pixels (0 = off)")
+    crop_padding: int = Field(0, ge=0, le=64, description="random crop after zero-padding by this many pixels "
+                                                         "(0 = off)")
     hflip: bool = False
 
 

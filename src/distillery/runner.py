@@ -80,10 +80,10 @@ class DataStore:
     def train_val(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset | None]:
         """The training subset (classes omitted) and the held-out validation examples (None if none)."""
         full = self.split(spec, "train")
-        n = len(full) if spec.train_size is None else min(spec.train_size, len(full))
+        n = len(full) if spec.train_size is None else spec.train_size
         if n + spec.val_size > len(full):
-            raise ValueError(f"{spec.dataset}: {n} training + {spec.val_size} validation examples asked for, "
-                             f"but the training split holds {len(full)}")
+            raise ValueError(f"{spec.name}: {n} training + {spec.val_size} validation examples asked for "
+                             f"(data.train_subset), but the training split holds {len(full)}")
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(spec.split_seed))
         train = _take(full, perm[:n]) if spec.train_size is not None or spec.val_size else full
         val = _take(full, perm[n:n + spec.val_size]) if spec.val_size else None
@@ -92,10 +92,19 @@ class DataStore:
         return train, val
 
     def test(self, spec: DataSpec) -> ImageDataset:
-        return self.split(spec, "test").subset(spec.test_size, seed=spec.test_seed)
+        full = self.split(spec, "test")
+        if spec.test_size is not None and spec.test_size > len(full):
+            raise ValueError(f"{spec.name}: a test subset of {spec.test_size} examples asked for (data.test_subset), "
+                             f"but the test split holds {len(full)}")
+        return full.subset(spec.test_size, seed=spec.test_seed)
 
     def pair(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
-        return self.train_val(spec)[0], self.test(spec)
+        """The training subset and the test subset; their samples must have one shape."""
+        train, test = self.train_val(spec)[0], self.test(spec)
+        if train.inputs.shape[1:] != test.inputs.shape[1:]:
+            raise ValueError(f"{spec.name}: training samples are {tuple(train.inputs.shape[1:])} but test samples "
+                             f"{tuple(test.inputs.shape[1:])}; both splits need samples of one shape")
+        return train, test
 
 
 def _take(data: ImageDataset, index: torch.Tensor) -> ImageDataset:

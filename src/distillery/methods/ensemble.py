@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from distillery.losses import ensemble_probs, soft_target_loss
 from distillery.methods.base import Method, ModelOutputs
 from distillery.methods.hinton import SoftTargetParams, soft_inputs
 from distillery.methods.registry import register_method
+from distillery.teacher import Teacher, probe_student
 
 
 @register_method("ensemble")
@@ -21,6 +22,14 @@ class EnsembleKD(Method):
     Params = SoftTargetParams
     accepts_ensemble = True
     compares_logits = True
+
+    def setup(self, student: nn.Module, teacher: Teacher | None, example: Tensor) -> None:
+        if teacher is not None:  # before the base checks, which run the members together
+            counts = [probe_student(member, example[:2]).logits.shape[-1] for member in teacher.members]
+            if len(set(counts)) > 1:
+                raise ValueError(f"method 'ensemble' averages its members' probabilities class by class, but the "
+                                 f"members output {counts} classes; give members trained on the same classes")
+        super().setup(student, teacher, example)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -180,13 +180,17 @@ def run_main_job(config: RunConfig, options: JobOptions = JobOptions()) -> MainJ
     started = time.perf_counter()
     runs = recipe_runs(config)
     runner = make_runner(options)
+    phases = [spec for spec in (runs.teacher_run, runs.alone, *runs.generations) if spec is not None]
+    trained = {}
+    for i, spec in enumerate(phases, start=1):
+        runner.echo(f"== {spec.label.replace('_', ' ')}, {i} of {len(phases)}")
+        trained[spec.label] = runner.train(spec)
     if runs.teacher_run is not None:
-        teacher = runner.train(runs.teacher_run)
+        teacher = trained[runs.teacher_run.label]
     else:  # teacher.checkpoint names a trained teacher
         model = runner.teacher_model(runs.teacher, runner.data.pair(runs.alone.data)[0])
         teacher = TrainedModel(runs.alone, model, [], None)
-    alone = runner.train(runs.alone)
-    distilled = runner.train(runs.distilled)
+    alone, distilled = trained[runs.alone.label], trained[runs.distilled.label]
     if not distributed.current().is_main:
         return None
     test = runner.data.test(runs.alone.data)

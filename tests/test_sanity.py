@@ -53,3 +53,25 @@ def test_a_healthy_run_gives_no_warning() -> None:
         warnings.simplefilter("error", TrainingWarning)
         history = Trainer(_mlp(), data, data, [Stage(create_method("ce"), good)], progress=False).fit()
     assert history[-1]["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fitnets_with_an_mlp_student_and_default_settings_does_not_collapse(seed: int) -> None:
+    """The case that collapsed to chance when the hint loss was summed over a 128-unit hint."""
+    from distillery.methods.features import STAGE1_OPTIMIZER
+    from distillery.teacher import Teacher
+
+    data = _blobs(192)
+    torch.manual_seed(100 + seed)
+    teacher_net = nn.Sequential(nn.Linear(4, 128), nn.ReLU(), nn.Linear(128, 4))
+    Trainer(teacher_net, data, data, [Stage(create_method("ce"), TrainConfig(epochs=3, batch_size=32))],
+            progress=False, echo=lambda m: None).fit()
+    torch.manual_seed(seed)
+    student = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+    stages = [Stage(create_method("fitnets", student_layer="1", teacher_layer="1"),
+                    TrainConfig(epochs=2, batch_size=32, optimizer=STAGE1_OPTIMIZER)),
+              Stage(create_method("hinton", temperature=3.0), TrainConfig(epochs=3, batch_size=32))]
+    history = Trainer(student, data, data, stages, teacher=Teacher(teacher_net), progress=False,
+                      echo=lambda m: None).fit()
+    assert history[-1]["test_accuracy"] > 0.8  # chance is 0.25
+    assert dead_layers(student, data.inputs[:64]) == []

@@ -62,3 +62,27 @@ def test_fsp_and_fitnets_run_end_to_end_on_1d_convolutional_nets() -> None:
     regressor = create_method("fitnets", student_layer="stage1", teacher_layer="stage1")
     regressor.setup(Net1d(width=4), Teacher(Net1d(width=8)), data.inputs[:4])
     assert isinstance(regressor.regressor, nn.Conv1d) and regressor.regressor.out_channels == 8
+
+
+def test_hintons_learnable_temperature_is_trained_against_the_student() -> None:
+    torch.manual_seed(0)
+    z_s, z_t, y = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    method = create_method("hinton", learnable_temperature=True, ctkd_warmup_epochs=2)
+    assert [n for n, _ in method.named_parameters()] == ["temperature.theta"]
+    method.start_epoch(1, 5)  # halfway through the warm-up: λ = 0.5
+    method(ModelOutputs(z_s), ModelOutputs(z_t), y)["kd"].backward()
+    reversed_grad = method.temperature.theta.grad.clone()
+    # the same loss as a plain function of θ: its true gradient, which the reversal negates and halves
+    theta = method.temperature.theta.detach().clone().requires_grad_(True)
+    low, high = method.params.ctkd_range
+    tau = low + (high - low) * torch.sigmoid(theta)
+    (method.params.kd_weight * kd_loss(z_s, z_t, tau)).backward()
+    torch.testing.assert_close(reversed_grad, -0.5 * theta.grad)
+
+
+def test_methods_lists_the_new_logit_methods_and_options() -> None:
+    from distillery.methods.catalogue import describe_methods
+
+    text = describe_methods()
+    for word in ("dkd:", "dist:", "standardize", "learnable_temperature", "TCKD", "ρ"):
+        assert word in text, word

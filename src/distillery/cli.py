@@ -23,6 +23,7 @@ from distillery.recipe import RunConfig, load_config, method_default_stages
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 3
+EXIT_INTERNAL = 1
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_error(err: Exception, debug: bool) -> int:
-    """Exit codes: 130 interrupted, 3 diverged, 2 bad input (config, file, data); anything else re-raised."""
+    """Exit codes: 130 interrupted, 3 diverged, 2 bad input (config, file, data), 1 anything else;
+    never a raw traceback unless ``--debug``."""
     from distillery.train import NonFiniteLossError, TrainingInterrupted
 
     if debug:
@@ -173,7 +175,9 @@ def _report_error(err: Exception, debug: bool) -> int:
     if isinstance(err, (ConfigError, ValueError, OSError, ExportMismatchError, FolderBusyError)):
         print(f"{_rank_prefix()}error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    raise err
+    print(f"{_rank_prefix()}error: {type(err).__name__}: {err}\n(an unexpected error; run again with --debug "
+          "for the traceback, and please report it)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _rank_prefix() -> str:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from distillery.losses import kd_loss, standardize_logits
+from distillery.losses import LearnableTemperature, ctkd_lambda, kd_loss, standardize_logits
 from distillery.methods.base import Method, MethodParams, ModelOutputs
 from distillery.methods.registry import register_method
 
@@ -22,6 +22,18 @@ class SoftTargetParams(MethodParams):
                                                  "(logit standardisation, Sun et al. CVPR 2024); CE keeps raw logits")
 
 
+class HintonParams(SoftTargetParams):
+    """Hinton KD's parameters: the soft-target ones, and CTKD's learnable temperature."""
+
+    learnable_temperature: bool = Field(False, description="learn T adversarially through gradient reversal with "
+                                                           "CTKD's curriculum (Li et al. AAAI 2023); temperature "
+                                                           "is then unused")
+    ctkd_warmup_epochs: float = Field(10.0, gt=0, le=10_000, description="epochs over which the reversal "
+                                                                         "strength λ rises from 0 to 1 (paper: 10)")
+    ctkd_range: tuple[float, float] = Field((1.0, 21.0), description="the interval the learnt T stays in "
+                                                                     "(paper: 1 to 21)")
+
+
 def soft_inputs(student: Tensor, teacher: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
     """The logits the soft term compares: as they are, or z-scored per example (class dimension last)."""
     return (standardize_logits(student), standardize_logits(teacher)) if standardize else (student, teacher)
@@ -29,16 +41,33 @@ def soft_inputs(student: Tensor, teacher: Tensor, standardize: bool) -> tuple[Te
 
 @register_method("hinton")
 class HintonKD(Method):
-    """L = ce_weight · CE(y, softmax(z_s)) + kd_weight · T² · KL(q_t(T) ‖ q_s(T))."""
+    """L = ce_weight · CE(y, softmax(z_s)) + kd_weight · T² · KL(q_t(T) ‖ q_s(T)).
 
-    Params = SoftTargetParams
+    With ``learnable_temperature`` T is CTKD's τ = τ_min + (τ_max − τ_min)·σ(θ): θ is trained with
+    the student (it is in ``method.parameters()``) but through a gradient reversal of strength
+    λ(epoch), so it moves to *raise* the loss the student lowers: a curriculum from easy to hard.
+    """
+
+    Params = HintonParams
     compares_logits = True
+
+    def __init__(self, params: MethodParams | None = None) -> None:
+        super().__init__(params)
+        p = self.params
+        learnable = getattr(p, "learnable_temperature", False)
+        self.temperature = LearnableTemperature(*p.ctkd_range) if learnable else None
+        self._reversal = 0.0  # CTKD's λ for the current epoch
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        if self.temperature is not None:
+            self._reversal = ctkd_lambda(epoch, self.params.ctkd_warmup_epochs)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:
         p = self.params
         assert teacher is not None
+        temperature = self.temperature(self._reversal) if self.temperature is not None else p.temperature
         return {
             "ce": p.ce_weight * F.cross_entropy(student.logits.float(), targets),
-            "kd": p.kd_weight * kd_loss(*soft_inputs(student.logits, teacher.logits, p.standardize), p.temperature),
+            "kd": p.kd_weight * kd_loss(*soft_inputs(student.logits, teacher.logits, p.standardize), temperature),
         }

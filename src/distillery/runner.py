@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.data import ImageDataset
+from distillery.data import BatchLoader, ImageDataset
 from distillery.data.sources import DataSource, PythonSource, load_data
+from distillery.deploy.export import export_model
 from distillery.fsio import LOCK_NAME, FolderLock
 from distillery.models.registry import AllowCode, CodePolicy
 from distillery.networks import build_model, load_trained_model
@@ -29,6 +30,16 @@ from distillery.teacher import Teacher
 from distillery.train import Callback, Trainer, distributed, load_checkpoint, resolve_device, seed_everything
 from distillery.train.loop import CHECKPOINT_NAME, snapshot_path
 from distillery.train.state import EpochRecord
+
+WEIGHTS_NAME = "model.safetensors"  # the trained network alone, loadable without distillery
+
+
+def save_weights(model: nn.Module, spec: RunSpec, data: ImageDataset, path: Path) -> None:
+    """The network's weights as safetensors beside its checkpoint (its model spec in the header),
+    verified against the network on a few test inputs, for programs that do not use distillery."""
+    inputs = next(BatchLoader(data.subset(min(64, len(data))), 64).epoch(0)).inputs
+    meta = {"model": spec.model.model_dump(mode="json"), "num_classes": data.num_classes, "run_key": spec.key}
+    export_model(model, inputs[:2], path, "safetensors", verify_inputs=inputs, metadata=meta)
 
 
 class RunFolderError(ValueError):
@@ -197,7 +208,9 @@ class Runner:
         run_dir = self.folder(spec)
         with self._folder_lock(run_dir, spec):
             history, action = self._fit(spec, model, run_dir, device, teachers, train_data, test_data)
-        model.eval()
+            model.eval()
+            if distributed.current().is_main and not (run_dir / WEIGHTS_NAME).exists():
+                save_weights(model, spec, test_data, run_dir / WEIGHTS_NAME)
         trained = TrainedModel(spec, model, history, run_dir)
         self.counts["reused" if action == "reuse" else "trained"] += 1
         if action == "reuse":

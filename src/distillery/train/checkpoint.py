@@ -47,9 +47,14 @@ def _load_safely(path: Path, map_location: str | torch.device) -> Any:
     except pickle.UnpicklingError as err:  # weights_only refused a global: nothing in the file was run
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"would call {found.group(1)} when loaded" if found else f"is refused ({str(err)[-200:]})"
+        hint = ""
+        if found and found.group(1).rsplit(".", 1)[-1][:1].isupper():  # a class: likely a whole pickled model
+            hint = (f" If it is a whole model saved with torch.save(model), save its weights instead "
+                    f"(torch.save(model.state_dict(), ...)) and name its class in the config as the model "
+                    f"({found.group(1).rsplit('.', 1)[0]}:{found.group(1).rsplit('.', 1)[1]}, with --allow-code).")
         raise CheckpointError(
             f"{path}: refused: the file holds objects other than tensors and plain values (it {what}); it may "
-            "have been tampered with. It was not loaded and nothing in it was run."
+            f"have been tampered with. It was not loaded and nothing in it was run.{hint}"
         ) from None
     except Exception as err:  # torch raises several types for truncated or corrupt files
         raise CheckpointError(

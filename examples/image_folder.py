@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train_on(train_data: InMemoryDataset, test_data: InMemoryDataset, epochs: int) -> tuple[list, list]:
+def train_on(train_data: InMemoryDataset, test_data: InMemoryDataset,
+             epochs: int) -> tuple[list[EpochRecord], list[EpochRecord]]:
     """A CNN teacher (cross-entropy, random crops and flips), then an MLP student distilled from it."""
     shape = dict(in_channels=train_data.in_channels, num_classes=train_data.num_classes,
                  input_size=train_data.input_size)

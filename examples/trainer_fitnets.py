@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> Outcome:
     # --- the teacher: one stage of plain cross-entropy
     torch.manual_seed(0)
     network = create_model("resnet14", in_channels=1, num_classes=CLASSES, input_size=SIZE)
-    sgd = TrainConfig(epochs=teacher_epochs, batch_size=64,
-                      optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4),
-                      schedule=ScheduleConfig(name="cosine"))
+    sgd = OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    teacher_training = TrainConfig(epochs=teacher_epochs, batch_size=64, optimizer=sgd,
+                                   schedule=ScheduleConfig(name="cosine"))
     teacher_dir = args.out / "teacher"
-    teacher_history = Trainer(network, train_data, test_data, [Stage(create_method("ce"), sgd)],
+    teacher_history = Trainer(network, train_data, test_data, [Stage(create_method("ce"), teacher_training)],
                               run_dir=teacher_dir, label="teacher",
                               callbacks=[TensorBoardLogger(teacher_dir / "tensorboard")]).fit(resume=args.resume)
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> Outcome:
                   TrainConfig(epochs=hint_epochs, batch_size=64,
                               optimizer=OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.0)))
     kd = Stage(create_method("hinton", temperature=3.0, kd_weight=0.9, ce_weight=0.1),
-               sgd.model_copy(update={"epochs": kd_epochs}))
+               TrainConfig(epochs=kd_epochs, batch_size=64, optimizer=sgd, schedule=ScheduleConfig(name="cosine")))
     student_dir = args.out / "student_fitnets"
     student_history = Trainer(student, train_data, test_data, [hints, kd], teacher=Teacher(network),
                               run_dir=student_dir, label="student",

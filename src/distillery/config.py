@@ -42,35 +42,94 @@ class ModelConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0)
+    """The optimiser of one stage (a config's ``train.optimizer``); the student's and the method's
+    learnable parameters are optimised together.
+
+    Fields (default):
+
+    - ``name`` (``"sgd"``): ``sgd`` (SGD with momentum) or ``adamw`` (AdamW; ``momentum`` and
+      ``nesterov`` are then unused).
+    - ``lr`` (0.05): the base learning rate, > 0; the schedule multiplies it every step.
+    - ``momentum`` (0.9): SGD momentum in [0, 1).
+    - ``nesterov`` (True): Nesterov momentum for SGD (only when ``momentum`` > 0).
+    - ``weight_decay`` (5e-4): ≥ 0; SGD adds ``weight_decay · w`` to each gradient (L2), AdamW
+      decays the weights directly (decoupled), as ``torch.optim`` defines them.
+    """
+
+    name: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd (SGD with momentum) or adamw (AdamW: momentum and nesterov unused)")
+    lr: float = Field(0.05, gt=0, description="base learning rate; the schedule multiplies it every step")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (unused by adamw)")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD when momentum > 0 (unused by adamw)")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay: an L2 term in SGD's gradient, decoupled "
+                                "in AdamW")
 
 
 class ScheduleConfig(Section):
-    """Learning-rate schedule, stepped every iteration; epochs may be fractional in milestones."""
+    """The learning-rate schedule of one stage (``train.schedule``): a multiplier of ``optimizer.lr``,
+    updated every step (not every epoch), so epoch values may be fractional.
 
-    name: Literal["constant", "step", "cosine"] = "cosine"
+    Fields (default):
+
+    - ``name`` (``"cosine"``): ``constant`` (1); ``step`` (``gamma`` raised to the number of
+      ``milestones`` already passed); ``cosine`` (½·(1 + cos(π·p)), p the fraction of the stage's
+      steps after the warm-up already taken: 1 at first, falling to 0 at the stage's end).
+    - ``milestones`` ([]): epochs (fractional allowed) at which ``step`` multiplies by ``gamma``.
+    - ``gamma`` (0.1): the ``step`` factor, in (0, 1].
+    - ``warmup_epochs`` (0): epochs (fractional allowed) of linear warm-up before the schedule:
+      step k (0-based) of W warm-up steps uses the multiplier (k + 1) / W.
+    """
+
+    name: Literal["constant", "step", "cosine"] = Field(
+        "cosine", description="constant; step (gamma at each milestone); cosine (from 1 to 0 over the stage)")
     milestones: list[float] = Field(default_factory=list, description="epochs at which 'step' multiplies by gamma")
-    gamma: float = Field(0.1, gt=0, le=1)
+    gamma: float = Field(0.1, gt=0, le=1, description="the factor 'step' applies at each milestone")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0 over this many epochs")
 
 
 class AugmentConfig(Section):
+    """Training-set augmentation of one stage (``train.augment``), for image batches (N×C×H×W) only;
+    applied to the stored values before normalisation, freshly drawn for every example and epoch.
+    The test set is never augmented. Both off by default.
+
+    Fields (default):
+
+    - ``crop_padding`` (0): pad each image with this many pixels of zeros on every side, then crop a
+      random window of the original size (0 = off).
+    - ``hflip`` (False): mirror each image left-right with probability ½.
+    """
+
     crop_padding: int = Field(0, ge=0, le=64, description="random crop after zero-padding by this many pixels "
-                                                         "(0 = off)")
-    hflip: bool = False
+                                                         "(0 = off; at most 64)")
+    hflip: bool = Field(False, description="mirror each image left-right with probability 1/2")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
+    """How one network, or one distillation stage, is trained (a config's ``teacher.train``,
+    ``student.train`` or ``distill.stages[i].train``; the ``train`` of a :class:`~distillery.train.Stage`).
+
+    Fields (default):
+
+    - ``epochs`` (10): passes over the training set, ≥ 1.
+    - ``batch_size`` (128): examples per step, the *global* batch under torchrun (each of N
+      processes takes ``batch_size / N``; it must divide evenly). A training set smaller than one
+      batch is trained as one smaller batch per epoch; otherwise the last incomplete batch is dropped.
+    - ``optimizer`` (:class:`OptimizerConfig`: SGD, lr 0.05, momentum 0.9, Nesterov, weight decay 5e-4).
+    - ``schedule`` (:class:`ScheduleConfig`: cosine from ``lr`` to 0 over the stage, no warm-up).
+    - ``augment`` (:class:`AugmentConfig`: off).
+    - ``checkpoint_every_steps`` (0): also write the checkpoint every N steps inside an epoch
+      (0 = only after each epoch); only with a run folder.
+    - ``grad_clip_norm`` (None): rescale each step's gradients so their global L2 norm is at most
+      this (None = off).
+    """
+
+    epochs: int = Field(10, ge=1, description="passes over the training set")
     batch_size: int = Field(128, ge=1, description="global batch size: under torchrun each of the N processes "
                             "takes batch_size / N examples per step (must divide evenly)")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="the optimiser (default SGD)")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig,
+                                     description="the learning-rate schedule (default cosine)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="image augmentation (default off)")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint mid-epoch every N steps (0 = off)")
     grad_clip_norm: float | None = Field(
         None, gt=0, description="rescale the gradients of each step so that their global L2 norm is at most this "

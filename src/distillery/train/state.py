@@ -22,12 +22,15 @@ SNAPSHOT_KIND = "distillery-snapshot"
 class EpochRecord(TypedDict, total=False):
     """One line of ``metrics.jsonl`` and of :meth:`Trainer.fit`'s history (accuracies are fractions).
 
-    ``stage`` and ``epoch`` count from 1; ``lr`` is the first parameter group's learning rate at the
-    epoch's end; ``train_loss`` the mean of the summed, weighted loss terms over the epoch's
-    examples, ``train_<term>`` each term's mean; ``train_accuracy`` the top-1 accuracy on the
-    training batches as they were trained; ``test_accuracy`` / ``test_loss`` (cross-entropy) on the
-    test set after the epoch; ``images_per_s`` and ``seconds`` the epoch's training speed and time
-    (evaluation excluded).
+    ``stage`` and ``epoch`` count from 1 (``epoch`` within its stage); ``method`` is the stage's
+    method name; ``lr`` is the first parameter group's learning rate at the epoch's end;
+    ``train_loss`` the mean of the summed, weighted loss terms over the epoch's examples,
+    ``train_<term>`` each term's mean (``train_ce``, ``train_kd``, ...: the method's term names);
+    ``train_accuracy`` the top-1 accuracy on the training batches as they were trained (augmented,
+    in train mode, before each step's update); ``test_accuracy`` / ``test_loss`` (mean
+    cross-entropy) on the test set after the epoch; ``images_per_s`` and ``seconds`` the epoch's
+    training speed and time (the steps and any mid-epoch checkpoints, not the evaluation; an epoch
+    resumed from a checkpoint includes its seconds before the interruption).
     """
 
     stage: int

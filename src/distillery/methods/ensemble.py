@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillery.losses import ensemble_probs, soft_target_loss
-from distillery.methods.base import Method, ModelOutputs
-from distillery.methods.hinton import SoftTargetParams, soft_inputs
+from distillery.methods.base import Method, ModelOutputs, OneMinus, SearchRange
+from distillery.methods.hinton import SOFT_TARGET_SPACE, SoftTargetParams, soft_inputs
 from distillery.methods.registry import register_method
 
 
@@ -21,6 +21,10 @@ class EnsembleKD(Method):
     Params = SoftTargetParams
     accepts_ensemble = True
     compares_logits = True
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        return dict(SOFT_TARGET_SPACE)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

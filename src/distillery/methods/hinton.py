@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery.losses import kd_loss, standardize_logits
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.registry import register_method
 
 
@@ -22,6 +22,12 @@ class SoftTargetParams(MethodParams):
                                                  "(logit standardisation, Sun et al. CVPR 2024); CE keeps raw logits")
 
 
+# What `distillery tune` searches for the soft-target methods: T log-uniform over the range papers
+# use (Hinton et al. report 2-20), the soft term's weight α in [0, 1] and the hard term's 1 − α.
+SOFT_TARGET_SPACE = {"temperature": SearchRange(1.0, 32.0, log=True), "kd_weight": SearchRange(0.0, 1.0),
+                     "ce_weight": OneMinus("kd_weight")}
+
+
 def soft_inputs(student: Tensor, teacher: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
     """The logits the soft term compares: as they are, or z-scored per example (class dimension last)."""
     return (standardize_logits(student), standardize_logits(teacher)) if standardize else (student, teacher)
@@ -33,6 +39,10 @@ class HintonKD(Method):
 
     Params = SoftTargetParams
     compares_logits = True
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        return dict(SOFT_TARGET_SPACE)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.data import ImageDataset, load_idx_dataset
+from distillery.data import ImageDataset, load_idx_dataset, stratified_split
 from distillery.networks import build_model, load_trained_model
 from distillery.spec import SPEC_FORMAT, DataSpec, RunSpec, TeacherRef
 from distillery.teacher import Teacher
@@ -80,7 +80,12 @@ class DataStore:
         return self.split(spec, "test").subset(spec.test_size, seed=spec.test_seed)
 
     def pair(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
-        return self.train_val(spec)[0], self.test(spec)
+        """What a run trains on and is evaluated on: the training subset and the test subset, or, with
+        ``validation_fraction``, the rest of the training subset and its stratified held-out part."""
+        train = self.train_val(spec)[0]
+        if spec.validation_fraction:
+            return stratified_split(train, spec.validation_fraction, spec.split_seed)
+        return train, self.test(spec)
 
 
 def _take(data: ImageDataset, index: torch.Tensor) -> ImageDataset:

@@ -34,6 +34,11 @@ class DataSpec:
     training split drawn with ``split_seed``; the next ``val_size`` examples are held out for
     validation. The test subset (``test_size``, None = all) is drawn with ``test_seed``.
     ``omit_classes`` are removed from the training subset (Hinton's omitted-class transfer set).
+
+    ``validation_fraction`` > 0 holds that fraction of the training subset out, class by class
+    (:func:`distillery.data.stratified_split` seeded with ``split_seed``): the run trains on the
+    rest and is evaluated on the held-out examples, never on the test split (``distillery tune``'s
+    trials), so the ``test_*`` entries of its history are validation figures.
     """
 
     dataset: str = "fashion_mnist"
@@ -44,11 +49,19 @@ class DataSpec:
     split_seed: int = 0
     test_seed: int = 0
     omit_classes: tuple[int, ...] = ()
+    validation_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "root": self.root, "train_size": self.train_size, "val_size": self.val_size,
+        data = {"dataset": self.dataset, "root": self.root, "train_size": self.train_size, "val_size": self.val_size,
                 "test_size": self.test_size, "split_seed": self.split_seed, "test_seed": self.test_seed,
                 "omit_classes": list(self.omit_classes)}
+        if self.validation_fraction:  # added after runs existed: left out while off, so their keys still match
+            data["validation_fraction"] = self.validation_fraction
+        return data
 
 
 @dataclass(frozen=True)

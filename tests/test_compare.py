@@ -22,6 +22,7 @@ from distillery.compare import (
 from distillery.config import ConfigError
 from distillery.recipe import load_config, recipe_runs
 from distillery.runner import Runner, default_folder
+from distillery.spec import TeacherRef
 from distillery.stats import paired_difference
 
 
@@ -88,11 +89,15 @@ def test_a_default_method_unfit_for_the_pair_is_left_out_with_why(tiny: list[str
     runner = Runner(resume=True, progress=False, echo=lambda line: None, folder_for=default_folder(tmp_path / "c"))
     pinned = pin_teacher(config, recipe_runs(config).teacher_run, runner)
     fitnets = method_contender(pinned, "fitnets")
-    comparison = compare_contenders(pinned, [fitnets], [0, 1, 2], runner, skip_unfit=True, echo=lambda line: None)
+    teacher = TeacherRef(checkpoint=pinned.teacher.checkpoint, model=pinned.teacher.model)
+    said: list[str] = []
+    comparison = compare_contenders(pinned, [fitnets], [0, 1, 2], runner, teacher=teacher, skip_unfit=True,
+                                    echo=said.append)
+    assert said[0].startswith("compare: teacher ")  # the teacher's accuracy comes before any distillation
     assert comparison.results == [] and len(comparison.alone) == 3
     assert comparison.skipped[0][0] == "fitnets" and "no layer named 'stage2'" in comparison.skipped[0][1]
     with pytest.raises(ValueError, match="stage2"):  # asked for by name: an error, not a silent omission
-        compare_contenders(pinned, [fitnets], [0], runner, echo=lambda line: None)
+        compare_contenders(pinned, [fitnets], [0], runner, teacher=teacher, echo=lambda line: None)
 
 
 def pinned_config(tiny: list[str]):

@@ -32,7 +32,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
-from torch import nn  # noqa: E402
 
 from distillery.config import ConfigError, apply_override, read_yaml_mapping, resolve_recipe  # noqa: E402
 from distillery.fidelity import (  # noqa: E402
@@ -47,7 +46,7 @@ from distillery.recipe import RunConfig, recipe_runs, validate_config  # noqa: E
 from distillery.reproduce.report import format_diff  # noqa: E402
 from distillery.reproduce.runs import model_text  # noqa: E402
 from distillery.runner import Runner, TrainedModel, default_folder  # noqa: E402
-from distillery.spec import RunSpec  # noqa: E402
+from distillery.spec import RunSpec, TeacherRef  # noqa: E402
 from distillery.stats import PairedDifference, mean_std, paired_difference, verdict  # noqa: E402
 from distillery.teacher import Teacher  # noqa: E402
 from distillery.train import evaluate, resolve_device  # noqa: E402
@@ -207,15 +206,6 @@ def parse_method_sets(items: Sequence[str]) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- training and scoring
 
 
-def pair_teacher(config: RunConfig, runner: Runner) -> nn.Module | None:
-    """The recipe's trained teacher (``teacher.checkpoint``; for Tf-KD_self the student's own
-    architecture), against which every student is scored; None without a checkpoint."""
-    ref = recipe_runs(config).teacher
-    if ref.checkpoint is None:
-        return None
-    return runner.teacher_model(ref, runner.data.train_val(recipe_runs(config).alone.data)[0])
-
-
 def _score(trained: TrainedModel, teacher: Teacher | None, runner: Runner, config: RunConfig) -> SeedResult:
     fidelity = None
     if teacher is not None:
@@ -224,49 +214,59 @@ def _score(trained: TrainedModel, teacher: Teacher | None, runner: Runner, confi
     return SeedResult(trained.spec.seed, trained.test_accuracy, fidelity)
 
 
+def _with_seed(config: RunConfig, seed: int) -> RunConfig:
+    return config.model_copy(update={"seed": seed})
+
+
 def compare_contenders(baseline: RunConfig, contenders: Sequence[Contender], seeds: Sequence[int], runner: Runner,
-                       *, skip_unfit: bool = False, echo: Callable[[str], None] = print) -> Comparison:
+                       *, teacher: TeacherRef | None, check_teacher: bool = True, skip_unfit: bool = False,
+                       echo: Callable[[str], None] = print) -> Comparison:
     """Train the student alone (``baseline``'s) and every contender with each seed, and compare them.
 
-    With ``skip_unfit`` a contender whose set-up refuses the pair (a feature method without the
-    layers it taps) is left out with the reason instead of stopping the comparison.
+    Before any distillation: ``teacher``'s test accuracy is reported and, with ``check_teacher``,
+    a warning given when it is not clearly above the student alone's (trained first, every seed).
+    Every student's fidelity is measured against ``teacher``. With ``skip_unfit`` a contender whose
+    set-up refuses the pair (a feature method without the layers it taps) is left out with the
+    reason instead of stopping the comparison.
     """
-    teacher_model = pair_teacher(baseline, runner)
-    teacher = Teacher(teacher_model) if teacher_model is not None else None
-    alone: list[SeedResult] = []
+    data = recipe_runs(baseline).alone.data
+    test, warnings = runner.data.test(data), []
+
+    def warn(warning: str | None) -> None:  # said when it arises, and kept for the report
+        if warning:
+            echo(f"warning: {warning}")
+            warnings.append(warning)
+
+    teacher_net = None if teacher is None else runner.teacher_model(teacher, runner.data.train_val(data)[0])
+    accuracy = None if teacher_net is None else evaluate(teacher_net, test, baseline.data.eval_batch_size,
+                                                         resolve_device(baseline.device))["accuracy"]
+    if accuracy is not None:
+        echo(f"compare: teacher {100 * accuracy:.2f} % on the test split")
+    scorer, chance = (Teacher(teacher_net) if teacher_net is not None else None), chance_accuracy(test)
+    alone_runs = [runner.train(placed_by_key(recipe_runs(_with_seed(baseline, seed)).alone)) for seed in seeds]
+    alone = tuple(_score(run, scorer, runner, baseline) for run in alone_runs)
+    if accuracy is not None and check_teacher:
+        warn(teacher_warning(accuracy, mean_std([r.accuracy for r in alone])[0], "the test split"))
+    for result in alone:
+        warn(collapse_warning(f"student alone (seed {result.seed})", result.accuracy, chance))
     scored: dict[str, list[SeedResult]] = {c.label: [] for c in contenders}
-    skipped: list[tuple[str, str]] = []
-    warnings: list[str] = []
-    for seed in seeds:
-        alone_run = runner.train(placed_by_key(recipe_runs(baseline.model_copy(update={"seed": seed})).alone))
-        alone.append(_score(alone_run, teacher, runner, baseline))
-        chance = chance_accuracy(runner.data.test(alone_run.spec.data))
-        warnings.append(collapse_warning(f"student alone (seed {seed})", alone_run.test_accuracy, chance))
-        for contender in contenders:
-            if contender.label in dict(skipped):
-                continue
-            spec = placed_by_key(recipe_runs(contender.config.model_copy(update={"seed": seed})).distilled)
+    skipped: dict[str, str] = {}
+    for seed, alone_result in zip(seeds, alone):
+        for contender in (c for c in contenders if c.label not in skipped):
             try:
-                trained = runner.train(spec)
+                trained = runner.train(placed_by_key(recipe_runs(_with_seed(contender.config, seed)).distilled))
             except ValueError as err:
                 if not skip_unfit:
                     raise
-                skipped.append((contender.label, str(err)))
+                skipped[contender.label] = str(err)
                 echo(f"compare: {contender.label} left out: {err}")
                 continue
-            scored[contender.label].append(_score(trained, teacher, runner, baseline))
-            warnings.append(collapse_warning(f"{contender.label} (seed {seed})", trained.test_accuracy, chance))
+            scored[contender.label].append(_score(trained, scorer, runner, baseline))
+            warn(collapse_warning(f"{contender.label} (seed {seed})", trained.test_accuracy, chance))
             echo(f"compare: seed {seed}: {contender.label} {100 * trained.test_accuracy:.2f} %, student alone "
-                 f"{100 * alone_run.test_accuracy:.2f} %")
-    results = [_result(c, scored[c.label], alone) for c in contenders if c.label not in dict(skipped)]
-    accuracy = None
-    if teacher_model is not None:
-        test = runner.data.test(recipe_runs(baseline).alone.data)
-        accuracy = evaluate(teacher_model, test, baseline.data.eval_batch_size, resolve_device(baseline.device))[
-            "accuracy"]
-    if accuracy is not None and not baseline.teaches_itself:
-        warnings.insert(0, teacher_warning(accuracy, mean_std([r.accuracy for r in alone])[0], "the test split"))
-    return Comparison(list(seeds), accuracy, tuple(alone), results, [w for w in warnings if w], skipped)
+                 f"{100 * alone_result.accuracy:.2f} %")
+    results = [_result(c, scored[c.label], alone) for c in contenders if c.label not in skipped]
+    return Comparison(list(seeds), accuracy, alone, results, warnings, list(skipped.items()))
 
 
 def _result(contender: Contender, seeds: list[SeedResult], alone: Sequence[SeedResult]) -> ContenderResult:
@@ -299,10 +299,10 @@ def run_compare(config: RunConfig, *, methods: Sequence[str] | None = None, tune
                   for name in names]
     contenders += list(by_method.values())
     seed_list = [config.seed + i for i in range(seeds)]
-    comparison = compare_contenders(pinned, contenders, seed_list, runner, skip_unfit=not methods, echo=echo)
+    teacher = TeacherRef(checkpoint=pinned.teacher.checkpoint, model=pinned.teacher.model)
+    comparison = compare_contenders(pinned, contenders, seed_list, runner, teacher=teacher, skip_unfit=not methods,
+                                    echo=echo)
     comparison.skipped[:0] = skipped
-    for warning in comparison.warnings:
-        echo(f"warning: {warning}")
     report = write_comparison(comparison, pinned, out, time.perf_counter() - started)
     return comparison, report
 

@@ -127,8 +127,6 @@ def confirm(best: RunConfig, seeds: int, folder: Path, data: DataStore, overwrit
     runner = Runner(resume=True, overwrite=overwrite, progress=progress, echo=echo, data=data,
                     folder_for=default_folder(folder / "confirm"))
     label = f"{'+'.join(s.method.name for s in best.distill.stages)} (best)"
-    comparison = compare_contenders(best, [Contender(label, best)], [best.seed + i for i in range(seeds)], runner,
-                                    echo=echo)
-    for warning in comparison.warnings:
-        echo(f"warning: {warning}")
-    return comparison
+    teacher = recipe_runs(best).teacher if best.needs_teacher and best.teacher.checkpoint else None
+    return compare_contenders(best, [Contender(label, best)], [best.seed + i for i in range(seeds)], runner,
+                              teacher=teacher, check_teacher=not best.teaches_itself, echo=echo)

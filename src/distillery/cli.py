@@ -6,6 +6,8 @@
     distillery eval runs/fmnist/student_distilled/checkpoint.pt
     distillery bench --quick              # what distillation costs over training the student alone
     distillery reproduce hinton --budget quick --seeds 3   # a paper's experiments, report.md + plots
+    distillery tune --method hinton --n-trials 20 --workers 2   # search a method's parameters, then confirm
+    distillery compare --seeds 3          # every method against the student alone, with intervals
 
 Bad input (a config key, a value, a file) exits with code 2 and a message saying what and where.
 """
@@ -81,7 +83,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat the distillation N times, each student teaching the next (tfkd_self)")
 
     _add_other_commands(sub)
+    _add_search_commands(sub)
     return parser
+
+
+def _add_search_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="search a method's parameters for the teacher and student, then confirm them",
+                       description="Train (or reuse) the teacher once, then search the distillation stages' "
+                                   "parameters with Optuna (TPE, seeded), each trial scored on a stratified "
+                                   "validation split of the training data and stopped early when behind; confirm the "
+                                   "best against the student alone with several seeds on the test split. Writes "
+                                   "report.md, results.json, plots and best.yaml (a recipe for `distillery distill "
+                                   "--config`) into <output_dir>/<name>/tune-<method>/. Narrow or fix the search in "
+                                   "the recipe's tune section or with --set tune.space.temperature.high=8, "
+                                   "--set tune.fixed.kd_weight=0.5.")
+    _add_config_options(p)
+    p.add_argument("--method", metavar="NAME", help="tune this method's default stages (default: the recipe's)")
+    _add_teacher_option(p)
+    p.add_argument("--n-trials", type=int, metavar="N",
+                   help="completed + stopped trials in all (tune.n_trials, default 20); a rerun continues to N")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="K processes searching one study (default 1)")
+    p.add_argument("--storage", metavar="URL", help="an Optuna storage URL (tune.storage; default: a SQLite file "
+                                                    "study.db in the tune folder)")
+    p.add_argument("--seeds", type=int, metavar="N", help="seeds of the confirmation (tune.confirm_seeds, default 3; "
+                                                          "0 skips it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the study again when its settings changed (and move aside runs of other settings)")
+
+    p = sub.add_parser("compare", help="compare distillation methods against the student alone over seeds",
+                       description="Train (or reuse) the teacher once, then the student alone and each method's "
+                                   "student with every seed; report each method's test accuracy, its paired "
+                                   "difference to the student alone with a 95 % interval, and its agreement and KL "
+                                   "with the teacher. Writes report.md, results.json and forest.png.")
+    _add_config_options(p)
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="methods with their default stages (default: every method that applies to the pair)")
+    p.add_argument("--tuned", nargs="+", default=[], metavar="YAML",
+                   help="recipes whose stages replace a method's defaults (a tune run's best.yaml)")
+    p.add_argument("--method-set", dest="method_sets", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="override a key for one method only, e.g. fsp:distill.stages.0.train.epochs=5 (repeatable)")
+    _add_teacher_option(p)
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds from the recipe's seed on (default 3)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default <output_dir>/<name>/compare)")
+    p.add_argument("--overwrite", action="store_true", help="move aside run folders that hold runs of other settings")
+
+
+def _add_teacher_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", metavar="CHECKPOINT", nargs="+",
+                        help="a trained teacher checkpoint instead of training the recipe's (several: an ensemble, "
+                             "for method ensemble)")
 
 
 def _add_other_commands(sub: argparse._SubParsersAction) -> None:
@@ -327,6 +377,52 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                                                           is_main))
 
 
+def _teacher_flags(args: argparse.Namespace) -> list[str]:
+    """``--teacher A [B ...]`` as ``teacher.checkpoint`` and ``teacher.ensemble`` overrides."""
+    if not args.teacher:
+        return []
+    return [f"teacher.checkpoint={json.dumps(args.teacher[0])}", f"teacher.ensemble={json.dumps(args.teacher[1:])}"]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from distillery.tune.command import run_tune
+    from distillery.tune.space import load_tune_recipe
+    from distillery.tune.study import WorkerFailed
+
+    flags = [f"tune.{key}={json.dumps(value)}" for key, value in (
+        ("n_trials", args.n_trials), ("storage", args.storage), ("confirm_seeds", args.seeds)) if value is not None]
+    config, tune = load_tune_recipe(args.config, [*args.overrides, *_teacher_flags(args), *flags], args.method)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from distillery instead
+    try:
+        result = run_tune(config, tune, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    except WorkerFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    values = [f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in result.best_values.items()]
+    print(f"best: {', '.join(values)}")
+    if result.comparison is not None:
+        confirmed = result.comparison.results[0]
+        print(f"confirmed on the test split over {len(result.comparison.seeds)} seeds: best minus alone "
+              f"{confirmed.difference.mean:+.2f} points: {confirmed.outcome}")
+    print(f"recipe: {result.best_yaml}\nreport: {result.report}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from distillery.compare import comparison_table, run_compare
+    from distillery.tune.space import load_tune_recipe
+
+    config, _ = load_tune_recipe(args.config, [*args.overrides, *_teacher_flags(args)])
+    comparison, report = run_compare(config, methods=args.methods, tuned=args.tuned, method_sets=args.method_sets,
+                                     seeds=args.seeds, out=args.out, overwrite=args.overwrite,
+                                     progress=not args.no_progress)
+    print(comparison_table(comparison))
+    print(f"report: {report}")
+    return 0
+
+
 def _print_trained(trained, is_main: bool) -> int:
     if is_main:
         checkpoint = trained.run_dir / "checkpoint.pt" if trained.run_dir else "-"
@@ -335,8 +431,8 @@ def _print_trained(trained, is_main: bool) -> int:
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "eval": cmd_eval, "export": cmd_export,
-            "bench": cmd_bench,
-            "reproduce": cmd_reproduce, "models": cmd_models, "methods": cmd_methods}
+            "bench": cmd_bench, "reproduce": cmd_reproduce, "models": cmd_models, "methods": cmd_methods,
+            "tune": cmd_tune, "compare": cmd_compare}
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.data import BatchLoader, ImageDataset
+from distillery.data import BatchLoader, ImageDataset, stratified_split
 from distillery.data.sources import DataSource, PythonSource, load_data
 from distillery.deploy.export import export_model
 from distillery.fsio import LOCK_NAME, FolderLock
@@ -110,8 +110,13 @@ class DataStore:
         return full.subset(spec.test_size, seed=spec.test_seed)
 
     def pair(self, spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
-        """The training subset and the test subset; their samples must have one shape."""
-        train, test = self.train_val(spec)[0], self.test(spec)
+        """What a run trains on and is evaluated on: the training subset and the test subset, or, with
+        ``validation_fraction``, the rest of the training subset and its stratified held-out part. The
+        samples of both must have one shape."""
+        train = self.train_val(spec)[0]
+        if spec.validation_fraction:
+            return stratified_split(train, spec.validation_fraction, spec.split_seed)
+        test = self.test(spec)
         if train.inputs.shape[1:] != test.inputs.shape[1:]:
             raise ValueError(f"{spec.name}: training samples are {tuple(train.inputs.shape[1:])} but test samples "
                              f"{tuple(test.inputs.shape[1:])}; both splits need samples of one shape")

@@ -38,6 +38,11 @@ class DataSpec:
     The data come from ``source`` (any :data:`~distillery.data.sources.DataSource`: idx files,
     arrays, an image folder, a user's Dataset), or when it is None from the idx files of
     ``dataset`` in ``root``.
+
+    ``validation_fraction`` > 0 holds that fraction of the training subset out, class by class
+    (:func:`distillery.data.stratified_split` seeded with ``split_seed``): the run trains on the
+    rest and is evaluated on the held-out examples, never on the test split (``distillery tune``'s
+    trials), so the ``test_*`` entries of its history are validation figures.
     """
 
     dataset: str = "fashion_mnist"
@@ -49,6 +54,11 @@ class DataSpec:
     test_seed: int = 0
     omit_classes: tuple[int, ...] = ()
     source: DataSource | None = None
+    validation_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
 
     @property
     def data_source(self) -> DataSource:
@@ -64,6 +74,8 @@ class DataSpec:
         picked = {"train_size": self.train_size, "val_size": self.val_size, "test_size": self.test_size,
                   "split_seed": self.split_seed, "test_seed": self.test_seed,
                   "omit_classes": list(self.omit_classes)}
+        if self.validation_fraction:  # left out while off, so other runs' keys do not change
+            picked["validation_fraction"] = self.validation_fraction
         if self.source is None:
             return {"dataset": self.dataset, "root": self.root, **picked}
         return {"source": self.source.model_dump(mode="json"), "files": file_stamps(self.source), **picked}

@@ -24,6 +24,7 @@ teacher targets says so in :meth:`Method.target_request`, and whoever trains it 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -47,6 +48,25 @@ class MethodParams(BaseModel):
     def options(self) -> dict[str, Any]:
         """The parameters without ``name``, as plain values."""
         return self.model_dump(mode="json", exclude={"name"})
+
+
+@dataclass(frozen=True)
+class SearchRange:
+    """A range ``distillery tune`` searches for one parameter: [low, high], log-uniform when ``log``
+    (for scales such as a temperature or a learning rate), whole numbers when ``integer``."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class OneMinus:
+    """A parameter the search sets to 1 − the parameter ``of`` (Hinton's ce_weight = 1 − kd_weight),
+    unless the user gives it a range of its own or fixes it."""
+
+    of: str
 
 
 class Method(nn.Module):
@@ -140,6 +160,16 @@ class Method(nn.Module):
         per-example targets read it.
         """
         raise NotImplementedError
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        """The parameters ``distillery tune`` searches by default, by name, and their ranges.
+
+        Empty by default: the method has nothing worth searching beyond the training settings
+        (learning rate, the epochs of a first stage) that the tuner adds for every stage. Users
+        narrow, widen, fix or add parameters in the recipe's ``tune`` section.
+        """
+        return {}
 
     @classmethod
     def default_stages(cls) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery.losses import dist_loss
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.registry import register_method
 
 
@@ -37,6 +37,12 @@ class DIST(Method):
     Params = DISTParams
 
     compares_logits = True
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        """β and γ log-uniform around the paper's 1 (2 on CIFAR-100), T 1–8 (the paper: 1 on ImageNet, 4 on CIFAR)."""
+        return {"beta": SearchRange(0.25, 4.0, log=True), "gamma": SearchRange(0.25, 4.0, log=True),
+                "temperature": SearchRange(1.0, 8.0, log=True)}
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

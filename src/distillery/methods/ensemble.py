@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillery.losses import ensemble_probs, soft_target_loss
-from distillery.methods.base import Method, ModelOutputs
-from distillery.methods.hinton import SoftTargetParams, soft_inputs
+from distillery.methods.base import Method, ModelOutputs, OneMinus, SearchRange
+from distillery.methods.hinton import SOFT_TARGET_SPACE, SoftTargetParams, soft_inputs
 from distillery.methods.registry import register_method
 from distillery.teacher import Teacher, probe_student
 
@@ -30,6 +30,10 @@ class EnsembleKD(Method):
                 raise ValueError(f"method 'ensemble' averages its members' probabilities class by class, but the "
                                  f"members output {counts} classes; give members trained on the same classes")
         super().setup(student, teacher, example)
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        return dict(SOFT_TARGET_SPACE)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distillery.losses import hint_loss, pool_to_common_size
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.features import (
     STAGE1_OPTIMIZER,
     StoredRows,
@@ -51,6 +51,11 @@ class FitNets(Method):
 
     Params = FitNetsParams
     trains_classifier = False
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        """The hint weight; the tuner adds this stage's epochs and learning rate, as for every first stage."""
+        return {"hint_weight": SearchRange(0.1, 10.0, log=True)}
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__(params)

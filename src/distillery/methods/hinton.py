@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery.losses import LearnableTemperature, ctkd_lambda, kd_loss, standardize_logits
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.registry import register_method
 
 
@@ -32,6 +32,12 @@ class HintonParams(SoftTargetParams):
                                                                          "strength λ rises from 0 to 1 (paper: 10)")
     ctkd_range: tuple[float, float] = Field((1.0, 21.0), description="the interval the learnt T stays in "
                                                                      "(paper: 1 to 21)")
+
+
+# What `distillery tune` searches for the soft-target methods: T log-uniform over the range papers
+# use (Hinton et al. report 2-20), the soft term's weight α in [0, 1] and the hard term's 1 − α.
+SOFT_TARGET_SPACE = {"temperature": SearchRange(1.0, 32.0, log=True), "kd_weight": SearchRange(0.0, 1.0),
+                     "ce_weight": OneMinus("kd_weight")}
 
 
 def soft_inputs(student: Tensor, teacher: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
@@ -61,6 +67,10 @@ class HintonKD(Method):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         if self.temperature is not None:
             self._reversal = ctkd_lambda(epoch, self.params.ctkd_warmup_epochs)
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        return dict(SOFT_TARGET_SPACE)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

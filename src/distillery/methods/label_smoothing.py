@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery.losses import label_smoothing_targets
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.registry import register_method
 
 
@@ -24,6 +24,10 @@ class LabelSmoothing(Method):
 
     Params = LabelSmoothingParams
     needs_teacher = False
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        return {"smoothing": SearchRange(0.0, 0.5)}
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from distillery.losses import logit_matching_loss
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.registry import register_method
 
 
@@ -29,6 +29,10 @@ class LogitMatching(Method):
     Params = LogitParams
 
     compares_logits = True
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        return {"logit_weight": SearchRange(0.1, 10.0, log=True), "ce_weight": SearchRange(0.0, 1.0)}
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distillery.losses import soft_target_loss, soften, virtual_teacher_probs
-from distillery.methods.base import Method, MethodParams, ModelOutputs
+from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.hinton import HintonKD, SoftTargetParams
 from distillery.methods.registry import register_method
 from distillery.teacher import Teacher
@@ -65,6 +65,12 @@ class TfKDReg(Method):
 
     Params = TfKDRegParams
     needs_teacher = False
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchRange | OneMinus]:
+        """a from a near-uniform to a near-certain virtual teacher; T log-uniform (the paper uses 20 and 40)."""
+        return {"correct_prob": SearchRange(0.5, 0.99), "temperature": SearchRange(1.0, 40.0, log=True),
+                "kd_weight": SearchRange(0.0, 1.0), "ce_weight": OneMinus("kd_weight")}
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, targets: Tensor,
                 index: Tensor | None = None) -> dict[str, Tensor]:

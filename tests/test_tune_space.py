@@ -9,12 +9,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from distillery.config import ConfigError
+from distillery.config import ConfigError, TuneConfig
 from distillery.methods import METHODS
 from distillery.methods.base import OneMinus, SearchRange
 from distillery.recipe import load_config
 from distillery.tune.space import (
-    TuneConfig,
     candidates,
     check_space,
     load_tune_recipe,

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillery.data.sources import ArraysSource, DataSource, IdxSource, ImageFolderSource, PythonSource
 from distillery.safe_yaml import YamlError, load_yaml
@@ -217,6 +217,64 @@ class TeacherConfig(Section):
 class StudentConfig(Section):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- the tune section (distillery tune)
+
+Value = bool | int | float | str
+
+
+class RangeSetting(Section):
+    """``tune.space.<name>``: a range (a bound left out keeps the default range's), or choices."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool | None = Field(None, description="search log-uniformly (default: as the default range, else no)")
+    choices: list[Value] | None = Field(None, min_length=1, description="search these values instead of a range")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> RangeSetting:
+        if self.choices is not None and (self.low, self.high, self.log) != (None, None, None):
+            raise ValueError("give either choices or a range (low, high, log), not both")
+        return self
+
+
+class PrunerSetting(Section):
+    """Stopping bad trials early on their per-epoch validation accuracy (Optuna's pruners)."""
+
+    name: Literal["median", "successive_halving", "none"] = Field(
+        "median", description="median: stop a trial below the median of earlier trials at the same epoch; "
+                              "successive_halving: keep the best 1/reduction_factor at each rung; none: never stop")
+    startup_trials: int = Field(2, ge=0, description="median: trials that finish before any is stopped")
+    warmup_epochs: int = Field(1, ge=0, description="median: epochs a trial runs before it may be stopped")
+    min_epochs: int = Field(1, ge=1, description="successive_halving: epochs of the first rung")
+    reduction_factor: int = Field(3, ge=2, description="successive_halving: 1/this of the trials go on at each rung")
+
+
+class TuneConfig(Section):
+    """The recipe's ``tune`` section: the search, its stopping rule and the confirmation runs."""
+
+    n_trials: int = Field(20, ge=1, description="completed + stopped trials of the whole search; a rerun on the "
+                                                "same storage continues up to this total")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training subset held out, "
+                                       "class by class, to score the trials (the test split is never read)")
+    space: dict[str, RangeSetting] = Field(default_factory=dict, description="ranges by parameter name")
+    fixed: dict[str, Value] = Field(default_factory=dict, description="values by parameter name, not searched")
+    only: list[str] | None = Field(None, description="search only these of the default space (and tune.space)")
+    seed: int = Field(0, description="seed of the TPE sampler (worker k of --workers uses seed + k)")
+    startup_trials: int = Field(5, ge=1, description="random trials before TPE models the results")
+    pruner: PrunerSetting = Field(default_factory=PrunerSetting)
+    confirm_seeds: int = Field(3, ge=0, description="seeds of the confirmation (best parameters and the student "
+                                                    "alone, full training split, test split); 0 skips it")
+    storage: str | None = Field(None, description="an Optuna storage URL (default: sqlite:///<folder>/study.db)")
+    folder: str | None = Field(None, description="output folder (default: <output_dir>/<name>/tune-<methods>)")
+
+    @model_validator(mode="after")
+    def _enough_seeds(self) -> TuneConfig:
+        if self.confirm_seeds in (1, 2):
+            raise ValueError(f"confirm_seeds must be 0 (no confirmation) or at least 3 for a paired interval, "
+                             f"got {self.confirm_seeds}")
+        return self
 
 
 def fingerprint(section: BaseModel | dict) -> str:

@@ -23,6 +23,7 @@ from distillery.config import (
     StudentConfig,
     TeacherConfig,
     TrainConfig,
+    TuneConfig,
     apply_override,
     data_source,
     default_recipe,
@@ -62,6 +63,8 @@ class RunConfig(Section):
     teacher: TeacherConfig
     student: StudentConfig
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    tune: TuneConfig | None = Field(None, description="what `distillery tune` searches (see docs); other commands "
+                                                      "ignore it")
 
     @field_validator("device")
     @classmethod

@@ -13,15 +13,8 @@ of :mod:`~distillery.tune.space`, and the command's confirmation is a comparison
 rest here would import :mod:`distillery.compare` from itself.
 """
 
-from distillery.tune.space import (
-    Dimension,
-    PrunerSetting,
-    RangeSetting,
-    SearchSpace,
-    TuneConfig,
-    load_tune_recipe,
-    resolve_space,
-)
+from distillery.config import PrunerSetting, RangeSetting, TuneConfig
+from distillery.tune.space import Dimension, SearchSpace, load_tune_recipe, resolve_space
 
 __all__ = ["Dimension", "PrunerSetting", "RangeSetting", "SearchSpace", "TuneConfig", "load_tune_recipe",
            "resolve_space"]

@@ -25,12 +25,12 @@ from pathlib import Path
 import optuna
 
 from distillery.compare import Comparison, Contender, compare_contenders, pin_teacher
-from distillery.config import ConfigError, fingerprint
+from distillery.config import ConfigError, TuneConfig, Value, fingerprint
 from distillery.recipe import RunConfig, recipe_runs
 from distillery.runner import DataStore, Runner, default_folder
 from distillery.tune.objective import Objective, Reference, measure_reference
 from distillery.tune.report import write_best_yaml, write_tune_report
-from distillery.tune.space import TuneConfig, Value, check_space, materialised, resolve_space, tune_folder
+from distillery.tune.space import check_space, materialised, resolve_space, tune_folder
 from distillery.tune.study import (
     StudyPlan,
     best_trial,

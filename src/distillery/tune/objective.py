@@ -25,12 +25,13 @@ from typing import Any
 import optuna
 
 from distillery.compare import map_runs
+from distillery.config import Value
 from distillery.fidelity import teacher_warning
 from distillery.recipe import RunConfig, recipe_runs
 from distillery.runner import DataStore, Runner, default_folder
 from distillery.spec import RunSpec
 from distillery.train import Callback, EpochEvent, NonFiniteLossError, TrainingInterrupted, evaluate, resolve_device
-from distillery.tune.space import SearchSpace, Value, recipe_with
+from distillery.tune.space import SearchSpace, recipe_with
 
 TRIAL_LABEL = "trial"
 

@@ -23,9 +23,8 @@ import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from distillery.config import ConfigError
+from distillery.config import ConfigError, PrunerSetting, TuneConfig
 from distillery.tune.objective import Objective
-from distillery.tune.space import PrunerSetting, TuneConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A trial whose process died stops beating; after the grace period it is failed and repeated once.

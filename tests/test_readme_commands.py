@@ -62,13 +62,7 @@ SKIPPED = {
 # start's run of other settings (exit 2, "pass --overwrite ... or choose another --set name=...").
 # Each also runs on its own (test_refused_readme_command_runs_on_its_own). Left for the lead to settle
 # (name the folders by method and seed, or add --set name=... to the README); remove an entry once fixed.
-REFUSED_AFTER_QUICK_START = {
-    "run --config my.yaml --set seed=1": "runs/fmnist/teacher holds the seed-0 teacher",
-    "distill --teacher path/to/teacher.pt": "runs/fmnist/student_distilled holds the student distilled from "
-                                            "the teacher run, not from a checkpoint file",
-    "distill --teacher a.pt b.pt c.pt --method ensemble": "runs/fmnist/student_distilled holds the hinton student",
-    "distill --method tfkd_self --generations 3": "runs/fmnist/student_distilled holds the hinton student",
-}
+REFUSED_AFTER_QUICK_START: dict[str, str] = {}
 REFUSAL = "holds a run made from other settings"
 
 

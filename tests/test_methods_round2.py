@@ -86,3 +86,19 @@ def test_methods_lists_the_new_logit_methods_and_options() -> None:
     text = describe_methods()
     for word in ("dkd:", "dist:", "standardize", "learnable_temperature", "TCKD", "ρ"):
         assert word in text, word
+
+
+def test_a_preset_starts_from_the_papers_values_and_given_values_win() -> None:
+    from distillery.recipe import load_config
+
+    paper = create_method("hinton", preset="paper")
+    assert (paper.params.temperature, paper.params.kd_weight, paper.params.ce_weight) == (4.0, 0.9, 0.1)
+    assert create_method("hinton", preset="paper", temperature=8.0).params.temperature == 8.0
+    config = load_config(None, ["distill.stages.0.method={name: dkd, preset: paper, beta: 2}"])
+    assert (config.distill.stages[0].method.beta, config.distill.stages[0].method.warmup_epochs) == (2.0, 20.0)
+    import pytest
+
+    from distillery.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"distill.stages.0.method.preset: method 'hinton' has no preset 'papr'"):
+        load_config(None, ["distill.stages.0.method.preset=papr"])

@@ -32,6 +32,7 @@ from distillery.config import (
     resolve_recipe,
 )
 from distillery.methods import METHODS, MethodParams, MethodSpec, method_class
+from distillery.methods.registry import with_preset
 from distillery.spec import CacheSpec, DataSpec, RunSpec, StageSpec, TeacherRef
 
 ROLES = ("teacher", "student_alone", "student_distilled")
@@ -123,6 +124,10 @@ def _method_params(section: dict[str, Any], where: str, source: str) -> MethodPa
         cls = method_class(section["name"])
     except ValueError as err:
         raise ConfigError(f"{source}: invalid configuration\n  {where}.name: {err}") from None
+    try:
+        section = with_preset(cls, section)
+    except ValueError as err:
+        raise ConfigError(f"{source}: invalid configuration\n  {where}.preset: {err}") from None
     try:
         return cls.Params.model_validate(section)
     except ValidationError as err:

@@ -87,6 +87,9 @@ class Method(nn.Module):
     accepts_ensemble: ClassVar[bool] = False
     compares_logits: ClassVar[bool] = False
     trains_classifier: ClassVar[bool] = True  # False for a stage-1 feature method: accuracy means nothing after it
+    # Named parameter sets, e.g. {"paper": {...}}: ``preset: paper`` in a stage (or
+    # ``create_method(name, preset="paper")``) starts from these values instead of the defaults.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__()

@@ -15,6 +15,8 @@ def describe_methods() -> str:
                 continue
             default = field.get_default(call_default_factory=True)
             lines.append(f"    {key} = {default!r}" + (f"  — {field.description}" if field.description else ""))
+        for preset, values in sorted(cls.PRESETS.items()):
+            lines.append(f"    preset {preset}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         stages = [stage["method"]["name"] for stage in cls.default_stages()]
         if len(stages) > 1:
             lines.append(f"    --method {name} runs the stages {' → '.join(stages)}")

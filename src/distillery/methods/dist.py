@@ -35,6 +35,8 @@ class DIST(Method):
     """
 
     Params = DISTParams
+    # the paper's own settings (CIFAR-100 for DKD; ImageNet for DIST)
+    PRESETS = {"paper": {"beta": 1.0, "gamma": 1.0, "temperature": 1.0, "ce_weight": 1.0}}
 
     compares_logits = True
 

@@ -41,6 +41,8 @@ class DKD(Method):
     """
 
     Params = DKDParams
+    # the paper's own settings (CIFAR-100 for DKD; ImageNet for DIST)
+    PRESETS = {"paper": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0, "ce_weight": 1.0}}
 
     compares_logits = True
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from distillery.losses import ensemble_probs, soft_target_loss
 from distillery.methods.base import Method, ModelOutputs, OneMinus, SearchRange
-from distillery.methods.hinton import SOFT_TARGET_SPACE, SoftTargetParams, soft_inputs
+from distillery.methods.hinton import PAPER_SOFT_TARGETS, SOFT_TARGET_SPACE, SoftTargetParams, soft_inputs
 from distillery.methods.registry import register_method
 from distillery.teacher import Teacher, probe_student
 
@@ -20,6 +20,7 @@ class EnsembleKD(Method):
     """
 
     Params = SoftTargetParams
+    PRESETS = {"paper": PAPER_SOFT_TARGETS}
     accepts_ensemble = True
     compares_logits = True
 

@@ -10,6 +10,10 @@ from distillery.losses import LearnableTemperature, ctkd_lambda, kd_loss, standa
 from distillery.methods.base import Method, MethodParams, ModelOutputs, OneMinus, SearchRange
 from distillery.methods.registry import register_method
 
+# Hinton et al. weigh the soft term far above the hard one ("a considerably lower weight on the
+# second objective"); 0.9 / 0.1 at T = 4 is how the KD baselines of later papers set it.
+PAPER_SOFT_TARGETS = {"temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1}
+
 
 class SoftTargetParams(MethodParams):
     """Parameters of the soft-target methods (hinton, ensemble, tfkd_self)."""
@@ -56,6 +60,7 @@ class HintonKD(Method):
 
     Params = HintonParams
     compares_logits = True
+    PRESETS = {"paper": PAPER_SOFT_TARGETS}
 
     def __init__(self, params: MethodParams | None = None) -> None:
         super().__init__(params)

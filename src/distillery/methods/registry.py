@@ -45,13 +45,28 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def with_preset(cls: type[Method], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over the method's named preset when they name one (``preset: paper``); the
+    values given win over the preset's."""
+    if "preset" not in values:
+        return values
+    values = dict(values)
+    name = values.pop("preset")
+    if name not in cls.PRESETS:
+        known = ", ".join(sorted(cls.PRESETS)) or "none"
+        raise ValueError(f"method {cls.name!r} has no preset {name!r}; its presets: {known}")
+    return {**cls.PRESETS[name], **values}
+
+
 def parse_method_spec(value: dict[str, Any] | MethodParams) -> MethodParams:
-    """A method's parameters from a mapping such as ``{"name": "hinton", "temperature": 4}``."""
+    """A method's parameters from a mapping such as ``{"name": "hinton", "temperature": 4}``
+    (or ``{"name": "hinton", "preset": "paper"}``)."""
     if isinstance(value, MethodParams):
         return value
     if not isinstance(value, dict) or "name" not in value:
         raise ValueError(f"a method is a mapping with a 'name' key, got {value!r}")
     cls = method_class(value["name"])
+    value = with_preset(cls, value)
     try:
         return TypeAdapter(cls.Params).validate_python(value)
     except ValidationError as err:
@@ -73,6 +88,6 @@ def create_method(spec: str | MethodParams, **params: Any) -> Method:
         return method_class(spec.name)(spec)
     cls = method_class(spec)
     try:
-        return cls(cls.Params(**params))
+        return cls(cls.Params(**with_preset(cls, params)))
     except ValidationError as err:
         raise ValueError(f"method {spec!r}: {err}") from err

@@ -99,3 +99,10 @@ def test_the_main_job_writes_the_deployed_card_and_export_verifies_the_student(
     assert "outputs match PyTorch" in printed and "int8 (" in printed
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] == "batch"  # the dynamic batch axis
+
+
+def test_logging_tensorboard_writes_an_event_file_per_network(fake_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    assert main(["train", "--role", "student", *tiny_args(fake_root, out), "--set", "logging.tensorboard=true"]) == 0
+    events = list((out / "tiny" / "student_alone" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

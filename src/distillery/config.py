@@ -192,6 +192,13 @@ def describe_data(data: Any) -> str:
     return data.dataset if data.source == "idx" else f"{data.source}: {data.train}"
 
 
+class LoggingConfig(Section):
+    """What a run logs besides ``metrics.jsonl`` and its progress lines."""
+
+    tensorboard: bool = Field(False, description="also write TensorBoard scalars (every loss term, accuracy, "
+                                                 "learning rate, images/s) to <run folder>/tensorboard")
+
+
 class TeacherConfig(Section):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

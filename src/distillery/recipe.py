@@ -19,6 +19,7 @@ from distillery.config import (
     ConfigError,
     DataConfig,
     IdxData,
+    LoggingConfig,
     Section,
     StudentConfig,
     TeacherConfig,
@@ -64,6 +65,7 @@ class RunConfig(Section):
     teacher: TeacherConfig
     student: StudentConfig
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     tune: TuneConfig | None = Field(None, description="what `distillery tune` searches (see docs); other commands "
                                                       "ignore it")
 
@@ -183,6 +185,7 @@ def recipe_runs(config: RunConfig) -> RecipeRuns:
                     test_seed=config.seed, source=data_source(config.data))
     how = {"device": config.device, "amp": config.amp, "deterministic": config.deterministic,
            "sync_batchnorm": config.sync_batchnorm, "eval_batch_size": config.data.eval_batch_size,
+           "tensorboard": config.logging.tensorboard,
            "cache": CacheSpec(_text(teacher_cache_dir(config)), config.teacher.cache_max_mb)}
     ce = METHODS["ce"].Params()
     alone = run("student_alone", config.student.model, (StageSpec(ce, config.student.train),))

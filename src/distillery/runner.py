@@ -30,6 +30,7 @@ from distillery.teacher import Teacher
 from distillery.train import Callback, Trainer, distributed, load_checkpoint, resolve_device, seed_everything
 from distillery.train.loop import CHECKPOINT_NAME, snapshot_path
 from distillery.train.state import EpochRecord
+from distillery.train.tensorboard import TensorBoardLogger
 
 WEIGHTS_NAME = "model.safetensors"  # the trained network alone, loadable without distillery
 
@@ -241,11 +242,16 @@ class Runner:
             teacher_cache=spec.cache.folder, teacher_cache_max_mb=spec.cache.max_mb, run_dir=run_dir,
             device=device, seed=spec.seed, amp=spec.amp, eval_batch_size=spec.eval_batch_size, label=spec.label,
             progress=self.progress, sync_batchnorm=spec.sync_batchnorm, snapshot_epochs=spec.snapshots,
-            callbacks=self.callbacks,
+            callbacks=[*self.callbacks, *self._loggers(spec, run_dir)],
             meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
                   "role": spec.label, "dataset": spec.data.name, "num_classes": train_data.num_classes},
         )
         return trainer.fit(resume=action in ("reuse", "resume")), action
+
+    @staticmethod
+    def _loggers(spec: RunSpec, run_dir: Path) -> list[Callback]:
+        """The optional loggers a run asked for (``logging.tensorboard``)."""
+        return [TensorBoardLogger(run_dir / "tensorboard")] if spec.tensorboard else []
 
     def teacher_model(self, ref: TeacherRef, data: ImageDataset) -> nn.Module:
         """The network of a teacher reference (trained first if needed), in eval mode on its device."""

@@ -162,6 +162,7 @@ class RunSpec:
     deterministic: bool = field(default=False, compare=False)
     sync_batchnorm: bool = field(default=False, compare=False)
     eval_batch_size: int = field(default=1000, compare=False)
+    tensorboard: bool = field(default=False, compare=False)
     cache: CacheSpec = field(default_factory=CacheSpec, compare=False)
 
     def __post_init__(self) -> None:

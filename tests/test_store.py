@@ -49,11 +49,11 @@ def config(epochs: int = 3, augment: dict | None = None) -> TrainConfig:
 
 def trainer(data: ImageDataset, teacher: Teacher, cache: Path | None, *, seed: int = 0,
             store: StoreSettings = STORE, method: HintonKD | None = None, epochs: int = 3,
-            augment: dict | None = None) -> Trainer:
+            augment: dict | None = None, echo=lambda line: None) -> Trainer:
     torch.manual_seed(seed)
     return Trainer(make_student(), data, random_dataset(32, seed=9), [Stage(method or create_method("hinton"),
                    config(epochs, augment))], teacher=teacher, teacher_cache=cache, teacher_store=store, seed=seed,
-                   progress=False, echo=lambda line: None)
+                   progress=False, echo=echo)
 
 
 class RecordingKD(HintonKD):
@@ -289,3 +289,26 @@ def test_the_cost_report_splits_the_run_and_estimates_the_store_speedup(tmp_path
     assert report["build_s"] > 0 and report["built_epochs"] == 2
     assert stored.cost["store_speedup"] == pytest.approx(
         (stored.cost["steps_s"] + report["estimated_saving_s"]) / stored.cost["steps_s"])
+
+
+def test_the_echo_says_what_is_stored_and_that_a_longer_stage_cycles(tmp_path):
+    lines: list[str] = []
+    data, teacher = random_dataset(96), make_teacher()
+    trainer(data, teacher, tmp_path, echo=lines.append).fit()
+    line = next(line for line in lines if "teacher store" in line)
+    assert "float32 logits on 2 stored epoch(s) of augmented views (2 built now" in line
+    assert "the stage's 3 epochs cycle through them (epoch e replays stored epoch e mod 2)" in line
+
+
+def test_store_settings_enter_the_key_of_the_runs_they_change_only():
+    from distillery.recipe import load_config, recipe_runs
+
+    base = recipe_runs(load_config(None, ["student.train.augment.crop_padding=2"]))
+    stored = recipe_runs(load_config(None, ["student.train.augment.crop_padding=2", "teacher.store_epochs=4"]))
+    assert stored.distilled.cache.store == StoreSettings(epochs=4)
+    assert stored.distilled.key != base.distilled.key  # its views are the store's
+    assert stored.alone.key == base.alone.key and stored.teacher_run.key == base.teacher_run.key
+    plain = recipe_runs(load_config(None, ["teacher.store_epochs=4"]))  # no augmentation: nothing changes
+    assert plain.distilled.key == recipe_runs(load_config(None, [])).distilled.key
+    compact = recipe_runs(load_config(None, ["teacher.store_top_k=3"]))
+    assert compact.distilled.key != plain.distilled.key

@@ -27,7 +27,7 @@ from distillery.teacher_store import (
     store_key,
     top_k_kl,
 )
-from distillery.train import Stage, Trainer
+from distillery.train import Callback, Stage, StepEvent, Trainer
 
 AUGMENT = {"crop_padding": 2, "hflip": True}
 STORE = StoreSettings(epochs=2, seed=5)
@@ -312,3 +312,39 @@ def test_store_settings_enter_the_key_of_the_runs_they_change_only():
     assert plain.distilled.key == recipe_runs(load_config(None, [])).distilled.key
     compact = recipe_runs(load_config(None, ["teacher.store_top_k=3"]))
     assert compact.distilled.key != plain.distilled.key
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class DieAt(Callback):
+    """Raises at the end of a given (epoch, step), as a crash would (its checkpoint is not written)."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        self.at = (epoch, step)
+
+    def on_step_end(self, event: StepEvent) -> None:
+        if (event.epoch, event.step) == self.at:
+            raise Killed("simulated crash")
+
+
+def test_a_run_on_the_store_resumed_mid_epoch_reaches_the_uninterrupted_weights(tmp_path):
+    data, teacher = random_dataset(96), make_teacher()
+
+    def run(folder: Path, callbacks=()) -> Trainer:
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=3, batch_size=32, augment=AUGMENT, checkpoint_every_steps=1)
+        return Trainer(make_student(), data, random_dataset(32, seed=9), [Stage(create_method("hinton"), cfg)],
+                       teacher=teacher, teacher_cache=tmp_path / "cache", teacher_store=STORE, run_dir=folder,
+                       progress=False, echo=lambda line: None, callbacks=callbacks)
+
+    whole = run(tmp_path / "whole")
+    whole.fit()
+    with pytest.raises(Killed):
+        run(tmp_path / "cut", [DieAt(epoch=2, step=1)]).fit()  # inside the replay of stored epoch 0
+    resumed = run(tmp_path / "cut")
+    resumed.fit(resume=True)
+    assert resumed.cost["stores"][0]["epochs_run"] == 1 and resumed.cost["stores"][0]["built_epochs"] == 0
+    for a, b in zip(whole.student.state_dict().values(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b)

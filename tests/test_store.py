@@ -348,3 +348,21 @@ def test_a_run_on_the_store_resumed_mid_epoch_reaches_the_uninterrupted_weights(
     assert resumed.cost["stores"][0]["epochs_run"] == 1 and resumed.cost["stores"][0]["built_epochs"] == 0
     for a, b in zip(whole.student.state_dict().values(), resumed.student.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_an_ensemble_is_stored_member_by_member(tmp_path, top_k):
+    data = random_dataset(96)
+    ensemble = Teacher([make_teacher(1).members[0], make_teacher(2).members[0]])
+    views = _views(data)
+    stored = StoredTeacher.build(ensemble, views, tmp_path, StoreSettings(2, top_k=top_k), temperature=4.0)
+    stored.set_epoch(1)
+    batch = views.batch_of(torch.arange(40), 1)
+    served, live = stored(batch.inputs, index=batch.index).logits, ensemble(batch.inputs).logits
+    assert served.shape == live.shape == (2, 40, 4)
+    if top_k is None:
+        assert torch.equal(served, live)
+    else:  # the served logits soften to each member's top-k reconstruction at T
+        p_live, p_served = torch.softmax(live / 4.0, dim=-1), torch.softmax(served / 4.0, dim=-1)
+        top = p_live.topk(2, dim=-1).indices
+        assert torch.allclose(p_served.gather(-1, top), p_live.gather(-1, top), atol=1e-3)

@@ -29,7 +29,7 @@ never stored (:class:`NonFiniteTeacherError`).
 :class:`TeacherCache` stores any per-example tensors by name: the logits, which
 :class:`CachedTeacher` serves with the teacher's call interface plus the batch's dataset indices,
 the feature methods' targets (``fsp_<a>__<b>``: FSP matrices of a teacher layer pair;
-``hint_<layer>``: FitNets hints), which :mod:`distillery.stored_targets` serves them, and the
+``hint_<layer>``: FitNets hints), which :mod:`distillery.stored_targets` serves, and the
 teacher store's outputs on stored epochs of augmented views (:mod:`distillery.teacher_store`,
 under keys of its own).
 """

@@ -248,10 +248,12 @@ def test_a_top_k_store_reports_its_kl_in_the_run_and_serves_the_reconstruction(t
     assert report["size_mb"] == pytest.approx(2 * 96 * 3 * 2 * 2 / 2**20)  # 2 epochs × N × k × (float16, int16)
 
 
-def test_top_k_is_refused_for_a_method_that_reads_raw_logits(tmp_path):
+@pytest.mark.parametrize(("method", "options"), [("logits", {}), ("hinton", {"standardize": True}),
+                                                 ("hinton", {"learnable_temperature": True})])
+def test_top_k_is_refused_for_a_method_that_does_not_read_softmax_at_a_fixed_temperature(tmp_path, method, options):
     data, teacher = random_dataset(96), make_teacher()
-    run = trainer(data, teacher, tmp_path, store=StoreSettings(2, top_k=2), method=create_method("logits"))
-    with pytest.raises(ValueError, match="teacher.store_top_k=2 .* method 'logits' reads the teacher's raw"):
+    run = trainer(data, teacher, tmp_path, store=StoreSettings(2, top_k=2), method=create_method(method, **options))
+    with pytest.raises(ValueError, match=f"teacher.store_top_k=2 .* method '{method}' reads the teacher's raw"):
         run.fit()
 
 

@@ -204,10 +204,11 @@ def top_k_kl(logits: Tensor, probs: Tensor, classes: Tensor, temperature: float)
 
 def soft_target_temperature(method: Method) -> float | None:
     """The temperature T at which ``method`` reads the teacher, when its loss depends on the teacher only
-    through ``softmax(z_t / T)`` (a ``temperature`` parameter, no ``standardize``); else None."""
+    through ``softmax(z_t / T)`` at that fixed T (a ``temperature`` parameter; no ``standardize``, no
+    ``learnable_temperature``); else None."""
     params = method.params
     temperature = getattr(params, "temperature", None)
-    if temperature is None or getattr(params, "standardize", False):
+    if temperature is None or getattr(params, "standardize", False) or getattr(params, "learnable_temperature", False):
         return None
     return float(temperature)
 

@@ -331,8 +331,8 @@ class Trainer:
             temperature = soft_target_temperature(method)
             if store.top_k is not None and temperature is None:
                 raise ValueError(f"teacher.store_top_k={store.top_k} stores probabilities at one temperature, but "
-                                 f"method {method.name!r} reads the teacher's raw or standardised logits; unset "
-                                 "teacher.store_top_k")
+                                 f"method {method.name!r} reads the teacher's raw or standardised logits, or learns "
+                                 "its temperature; unset teacher.store_top_k")
             stored = self.dist.main_first(lambda: StoredTeacher.build(
                 teacher, loader, folder, store, temperature=temperature, check_seed=self.seed))
             epochs = next(stage.train.epochs for stage in self.stages if stage.method is method)

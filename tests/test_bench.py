@@ -1,4 +1,4 @@
-"""distillery.bench's verdicts on its targets (timing itself is not tested: benchmarks are not tests)."""
+"""distillery.bench: the verdicts on its targets and its step clocks (no speed is asserted: a bench is no test)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,70 @@ def test_rows_take_turns_back_and_forth_and_leave_when_done() -> None:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
     assert log == ["A", "B", "C", "C", "B", "A", "A", "B", "B", "A"]
+
+
+def test_a_limit_target_is_judged_as_a_fraction_of_the_limit_the_teacher_forward_sets() -> None:
+    """FSP stored vs on the fly: the best possible speed-up is t_fly / (t_fly − teacher), measured in the run."""
+    from distillery.bench import RESNET, Result
+
+    def row(name: str, steps: list[float], teacher: list[float]) -> Result:
+        quartile = sorted(steps)[(len(steps) - 1) // 4]
+        return Result(RESNET, name, 128 / quartile, 1.0, 0.0, quartile, 1.0, "VmHWM", steps, teacher)
+
+    fly = [0.20 + 0.01 * (i % 4) for i in range(12)]
+    teacher = [0.08] * 12  # so the limit is fly / (fly − 0.08), about 1.6
+    at_limit = [t - 0.08 for t in fly]  # the stored row saves exactly the teacher forward
+    results = [row("ce alone", fly, [0.0] * 12), row("fsp1 on the fly", fly, teacher),
+               row("fsp1 stored", at_limit, [0.0] * 12)]
+    check = next(c for c in target_checks(results) if c["row"] == "fsp1 stored")
+    assert check["limit"] and abs(check["paired"] - 1.0) < 1e-12 and check["verdict"] == "met"
+    assert abs(check["limit_value"] - 0.20 / 0.12) < 1e-9  # from the lower-quartile step and median teacher time
+    results[2] = row("fsp1 stored", [t / 0.9 for t in at_limit], [0.0] * 12)  # reaches only 90 % of it
+    check = next(c for c in target_checks(results) if c["row"] == "fsp1 stored")
+    assert abs(check["paired"] - 0.9) < 1e-12 and check["verdict"] == "NOT MET"
+    assert "fsp1 stored ≥ 0.95 × limit" in format_table(results, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+                                                        12, 1)
+
+
+def test_targets_are_per_workload() -> None:
+    """kd cached must reach 0.97 × ce alone on the ResNet pair, 0.95 on the MLP pair; the store row is ResNet's."""
+    from distillery.bench import MLP, RESNET, TARGETS
+
+    def minimum(row: str, workload: str) -> list[float]:
+        return [t.minimum for t in TARGETS if t.row == row and t.applies_to(workload)]
+
+    assert minimum("kd cached", RESNET) == [0.97] and minimum("kd cached", MLP) == [0.95]
+    assert minimum("kd stored, augmented", RESNET) == [0.97] and minimum("kd stored, augmented", MLP) == []
+    base = [0.010] * 12
+    checks = checks_for(base, [t / 0.96 for t in base])  # the MLP workload: 0.96 clears 0.95
+    assert checks["target"] == 0.95 and checks["verdict"] == "met"
+
+
+def test_the_table_says_which_rows_were_not_run() -> None:
+    table = format_table([result("ce alone", [0.01] * 4)], dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), 4, 1)
+    assert "Not run: a 20-trial `tune` with augmentation" in table
+
+
+def test_clocked_steps_time_a_trainer_through_its_callbacks_with_the_teacher_share_of_each_step() -> None:
+    import torch
+    from fakes import random_dataset, train_config
+
+    from distillery.bench import ClockedSteps, StepClock
+    from distillery.methods import Teacher, create_method
+    from distillery.models import create_model
+    from distillery.train import Stage, Trainer
+
+    torch.manual_seed(0)
+    teacher = Teacher(create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=(32,)))
+    clocks = {}
+    for method in ("ce", "hinton"):
+        clocks[method] = StepClock(method)
+        student = create_model("mlp", in_channels=1, num_classes=4, input_size=8, hidden=(16,))
+        Trainer(student, random_dataset(64), random_dataset(32, seed=1), [Stage(create_method(method),
+                train_config(epochs=2))], teacher=teacher, progress=False, echo=lambda line: None,
+                callbacks=[ClockedSteps(clocks[method])]).fit()
+    for clock in clocks.values():
+        assert len(clock.steps) == len(clock.teacher_steps) == 2 * 2  # 2 epochs of 64 / 32 steps
+        assert all(wall > 0 for wall, _ in clock.steps)
+    assert all(t == 0 for t in clocks["ce"].teacher_steps)
+    assert all(0 < t < wall for t, (wall, _) in zip(clocks["hinton"].teacher_steps, clocks["hinton"].steps))

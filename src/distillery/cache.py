@@ -28,8 +28,10 @@ never stored (:class:`NonFiniteTeacherError`).
 
 :class:`TeacherCache` stores any per-example tensors by name: the logits, which
 :class:`CachedTeacher` serves with the teacher's call interface plus the batch's dataset indices,
-and the feature methods' targets (``fsp_<a>__<b>``: FSP matrices of a teacher layer pair;
-``hint_<layer>``: FitNets hints), which :mod:`distillery.methods.stored` loads for them.
+the feature methods' targets (``fsp_<a>__<b>``: FSP matrices of a teacher layer pair;
+``hint_<layer>``: FitNets hints), which :mod:`distillery.stored_targets` serves, and the
+teacher store's outputs on stored epochs of augmented views (:mod:`distillery.teacher_store`,
+under keys of its own).
 """
 
 from __future__ import annotations
@@ -309,16 +311,24 @@ class TeacherCache:
 @torch.no_grad()
 def compute_per_example(teacher: Teacher, dataset: ImageDataset, targets: Callable[[ModelOutputs], dict[str, Tensor]],
                         layers: Sequence[str] = (), device: torch.device | str = "cpu",
-                        batch_size: int = 512) -> dict[str, Tensor]:
+                        batch_size: int = 512, *, views: BatchLoader | None = None,
+                        epoch: int = 0) -> dict[str, Tensor]:
     """``targets(teacher outputs)`` for every example of ``dataset`` in order, as the training loader feeds it.
 
     ``targets`` maps one batch's outputs (logits and the ``layers``' features) to named tensors with
     one row per example; the rows of all batches are gathered on the CPU as float32 (preallocated,
-    so the peak is one copy of the result plus one batch).
+    so the peak is one copy of the result plus one batch). The inputs are the un-augmented examples,
+    or with ``views`` (a loader of ``dataset``) each example as that loader shows it in ``epoch``
+    (:meth:`~distillery.data.BatchLoader.batch_of`: augmented as in that epoch), on its device.
     """
-    loader = BatchLoader(dataset, batch_size, device=device)
+    if views is None:
+        batches = BatchLoader(dataset, batch_size, device=device).epoch(0)
+    elif views.dataset is not dataset:
+        raise ValueError("compute_per_example: views must be a loader of the same dataset")
+    else:
+        batches = (views.batch_of(chunk, epoch) for chunk in torch.arange(len(dataset)).split(batch_size))
     out: dict[str, Tensor] = {}
-    for batch in loader.epoch(0):
+    for batch in batches:
         for name, value in targets(teacher(batch.inputs, layers)).items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise NonFiniteTeacherError(_non_finite_message(teacher, name, value, batch.index))

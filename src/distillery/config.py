@@ -213,6 +213,20 @@ class TeacherConfig(Section):
     cache_dir: str | None = Field(None, description="folder of the teacher-output cache (default <output_dir>/cache)")
     cache_max_mb: float = Field(DEFAULT_MAX_MB, gt=0, description="largest stored feature target (FSP matrices, "
                                 "FitNets hints of all training examples) that cache auto keeps, MB")
+    store_epochs: int = Field(0, ge=0, description="teacher store: distillation stages that augment (logit methods) "
+                              "replay this many epochs of views, drawn with store_seed, and with the cache on read "
+                              "the teacher's outputs on them from the store, built once and shared by every run "
+                              "(0: off, fresh views every epoch; a longer stage cycles through the stored epochs)")
+    store_top_k: int | None = Field(None, ge=1, description="store the k largest probabilities at the method's "
+                                    "temperature (float16) instead of the full logits, for teachers of more than k "
+                                    "classes; the KL to the full distribution is measured and reported")
+    store_dtype: Literal["float32", "float16"] = Field("float32", description="of the stored full logits")
+    store_seed: int = Field(0, description="seed of the stored views (independent of the run's seed, so runs of "
+                            "every seed share them)")
+
+    def store_options(self) -> dict[str, Any]:
+        """The ``store_*`` settings by name without the prefix (:class:`distillery.spec.CacheSpec`'s fields)."""
+        return {f"store_{name}": getattr(self, f"store_{name}") for name in ("epochs", "top_k", "dtype", "seed")}
 
     @field_validator("cache", mode="before")
     @classmethod

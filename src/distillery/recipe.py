@@ -186,7 +186,8 @@ def recipe_runs(config: RunConfig) -> RecipeRuns:
     how = {"device": config.device, "amp": config.amp, "deterministic": config.deterministic,
            "sync_batchnorm": config.sync_batchnorm, "eval_batch_size": config.data.eval_batch_size,
            "tensorboard": config.logging.tensorboard,
-           "cache": CacheSpec(_text(teacher_cache_dir(config)), config.teacher.cache_max_mb)}
+           "cache": CacheSpec(_text(teacher_cache_dir(config)), config.teacher.cache_max_mb,
+                              **config.teacher.store_options())}
     ce = METHODS["ce"].Params()
     alone = run("student_alone", config.student.model, (StageSpec(ce, config.student.train),))
     teacher_run = None if config.teacher.checkpoint else run(

@@ -239,7 +239,8 @@ class Runner:
         trainer = Trainer(
             model, train_data, test_data, [stage.build() for stage in spec.stages],
             teacher=Teacher(teachers) if teachers else None,
-            teacher_cache=spec.cache.folder, teacher_cache_max_mb=spec.cache.max_mb, run_dir=run_dir,
+            teacher_cache=spec.cache.folder, teacher_cache_max_mb=spec.cache.max_mb, teacher_store=spec.cache.store,
+            run_dir=run_dir,
             device=device, seed=spec.seed, amp=spec.amp, eval_batch_size=spec.eval_batch_size, label=spec.label,
             progress=self.progress, sync_batchnorm=spec.sync_batchnorm, snapshot_epochs=spec.snapshots,
             callbacks=[*self.callbacks, *self._loggers(spec, run_dir)],

@@ -21,6 +21,7 @@ from typing import Any
 from distillery.config import DEFAULT_MAX_MB, ModelConfig, TrainConfig, fingerprint
 from distillery.data.sources import DataSource, IdxSource
 from distillery.methods import MethodParams, create_method, method_class
+from distillery.teacher_store import StoreSettings
 from distillery.train import Stage
 
 # Bumped when the meaning of a key changes; checkpoints of other formats are refused with a message.
@@ -137,10 +138,34 @@ class TeacherRef:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """The teacher-output cache: its folder (None: off) and the budget of stored feature targets, MB."""
+    """The teacher-output cache: its folder (None: off), the budget of stored feature targets, MB, and
+    the teacher store's settings (``teacher.store_*``; see :mod:`distillery.teacher_store`)."""
 
     folder: str | None = None
     max_mb: float = DEFAULT_MAX_MB
+    store_epochs: int = 0
+    store_top_k: int | None = None
+    store_dtype: str = "float32"
+    store_seed: int = 0
+
+    @property
+    def store(self) -> StoreSettings:
+        """The settings the :class:`~distillery.train.Trainer` takes as ``teacher_store``."""
+        return StoreSettings(self.store_epochs, self.store_top_k, self.store_dtype, self.store_seed)
+
+    def key_fields(self, spec: RunSpec) -> dict[str, Any]:
+        """The store settings that change what ``spec`` trains (empty when none do): the views of its
+        augmented stages with a teacher (``store_epochs``, ``store_seed``) and the stored representation
+        its teacher's outputs are served in (``store_top_k``, ``store_dtype``)."""
+        fields: dict[str, Any] = {}
+        if not spec.teachers:
+            return fields
+        augmented = any(s.train.augment.crop_padding or s.train.augment.hflip for s in spec.stages)
+        if augmented and self.store_epochs:
+            fields.update(store_epochs=self.store_epochs, store_seed=self.store_seed)
+        if self.folder is not None and self.store.compact:
+            fields.update(store_top_k=self.store_top_k, store_dtype=self.store_dtype)
+        return fields
 
 
 @dataclass(frozen=True)
@@ -177,6 +202,7 @@ class RunSpec:
             "stages": [[s.method.model_dump(mode="json"), s.train.key_fields()] for s in self.stages],
             "data": self.data.as_dict(), "seed": self.seed, "teachers": [t.key for t in self.teachers],
             "snapshots": list(self.snapshots),
+            **({"store": store} if (store := self.cache.key_fields(self)) else {}),  # absent while off: old keys hold
         })
 
     @property

@@ -12,7 +12,10 @@ Augmentation (images only) is replayable: the crop offset and flip of example ``
 are a pure function of ``(augment_seed, i, epoch)`` (:func:`sample_augment`), not of the batch
 order, the rank or the run's seed. Two runs with one augment seed see the same view of every
 example in every epoch whatever their shuffles, and a teacher store can record the parameters
-(``Batch.augment``) or recompute them, then replay them with :func:`apply_augment`.
+(``Batch.augment``) or recompute them, then replay them with :func:`apply_augment`. With
+``augment_epochs = E`` the views repeat every E epochs (epoch e shows the views of epoch e mod E),
+so a store of E epochs of teacher outputs (:mod:`distillery.teacher_store`) serves a run of any
+length; :meth:`BatchLoader.batch_of` gives any examples as a given epoch shows them.
 """
 
 from __future__ import annotations
@@ -178,7 +181,9 @@ class BatchLoader:
 
     Iterate with :meth:`epoch` (``for batch in loader.epoch(3)``); ``len(loader)`` is the number of
     batches per epoch on this rank. Augmentation (``augment``) is for images (N×C×H×W) only and is
-    applied when ``shuffle`` is on (training); ``augment_seed`` defaults to ``seed``.
+    applied when ``shuffle`` is on (training); ``augment_seed`` defaults to ``seed``;
+    ``augment_epochs`` (None: never) makes the views repeat with that period: epoch e is augmented as
+    epoch ``e mod augment_epochs`` (the shuffle still follows e).
     ``keep_normalised=True`` normalises the whole set once (4 bytes per value held) for sets read
     many times without augmentation, such as a test set; its batches are views of that copy, so a
     model must not write into its input in place.
@@ -194,6 +199,7 @@ class BatchLoader:
         augment: Augment = Augment(),
         seed: int = 0,
         augment_seed: int | None = None,
+        augment_epochs: int | None = None,
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
@@ -208,6 +214,8 @@ class BatchLoader:
                 f"augmentation (crop_padding={augment.crop_padding}, hflip={augment.hflip}) is for images "
                 f"(samples C×H×W); these samples have shape {dataset.sample_shape}: turn augmentation off"
             )
+        if augment_epochs is not None and augment_epochs < 1:
+            raise ValueError(f"augment_epochs must be >= 1 (or None: views never repeat), got {augment_epochs}")
         if keep_normalised and augment.active and shuffle:
             raise ValueError("keep_normalised serves fixed normalised images; it cannot be combined with augmentation")
         self.dataset = dataset
@@ -217,6 +225,7 @@ class BatchLoader:
         self.augment = augment
         self.seed = seed
         self.augment_seed = seed if augment_seed is None else augment_seed
+        self.augment_epochs = augment_epochs
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
@@ -264,6 +273,20 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
 
+    def view_epoch(self, epoch: int) -> int:
+        """The epoch whose augmentation ``epoch`` shows: ``epoch mod augment_epochs`` (``epoch`` when None)."""
+        return epoch if self.augment_epochs is None else epoch % self.augment_epochs
+
+    def batch_of(self, index: Tensor, epoch: int) -> Batch:
+        """The examples ``index`` (dataset indices, any order) as ``epoch`` presents them: normalised,
+        and augmented as in that epoch when this loader augments (a pure function of the indices and
+        the epoch, whatever the batch they fall in)."""
+        index = index.to(device=self.device, dtype=torch.int64)
+        if len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.dataset):
+            raise IndexError(f"batch_of: indices must lie in 0 .. {len(self.dataset) - 1}, got "
+                             f"{int(index.min())} .. {int(index.max())}")
+        return self._make_batch(index, epoch)
+
     def _normalise(self, raw: Tensor) -> Tensor:
         return normalise(raw, self.dataset.normalisation, self._per_channel)
 
@@ -275,5 +298,5 @@ class BatchLoader:
         if not (self.augment.active and self.shuffle):
             return Batch(self._normalise(raw), labels, index)
         # Crop and flip only move values (padding is 0), so they run on the raw values, before normalising.
-        params = sample_augment(self.augment, self.augment_seed, index, epoch)
+        params = sample_augment(self.augment, self.augment_seed, index, self.view_epoch(epoch))
         return Batch(self._normalise(apply_augment(raw, params, self.augment)), labels, index, params)

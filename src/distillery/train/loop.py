@@ -40,6 +40,7 @@ from distillery.fsio import atomic_write
 from distillery.methods.base import Method
 from distillery.stored_targets import serve_targets
 from distillery.teacher import Teacher, run_student
+from distillery.teacher_store import StoredTeacher, StoreSettings, replays_views, soft_target_temperature, store_serves
 from distillery.train.callbacks import (
     Callback,
     EpochEvent,
@@ -50,6 +51,7 @@ from distillery.train.callbacks import (
     StepEvent,
 )
 from distillery.train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from distillery.train.cost import CostClock, TimedTeacher
 from distillery.train.devices import prefer_channels_last
 from distillery.train.distributed import DistContext
 from distillery.train.distributed import current as current_context
@@ -112,7 +114,7 @@ class StageRun:
 
     stage: Stage
     loader: BatchLoader
-    teacher: Teacher | CachedTeacher | None
+    teacher: TimedTeacher | None
     net: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -132,11 +134,13 @@ class Trainer:
     ``teacher_cache`` (a folder) turns on the teacher-output cache for the stages where it is exact:
     the method needs only the teacher's logits and the stage does not augment; methods with stored
     feature targets (FSP, FitNets) also keep them there, up to ``teacher_cache_max_mb`` (see
-    :mod:`distillery.stored_targets`). ``dist`` defaults to the process group this process has
-    joined (torchrun), if any; ``sync_batchnorm`` converts the student's BatchNorm layers to
-    SyncBatchNorm under DDP (CUDA only). ``snapshot_epochs``: see
+    :mod:`distillery.stored_targets`). ``teacher_store`` (:class:`~distillery.teacher_store.StoreSettings`)
+    makes the logit methods' augmented stages replay E stored epochs of views and, with the cache
+    on, read the teacher's outputs on them from the teacher store. ``dist`` defaults to the process
+    group this process has joined (torchrun), if any; ``sync_batchnorm`` converts the student's
+    BatchNorm layers to SyncBatchNorm under DDP (CUDA only). ``snapshot_epochs``: see
     :class:`~distillery.train.callbacks.Snapshots`. ``callbacks`` run after the built-in ones
-    (progress display, metrics file, snapshots).
+    (progress display, metrics file, snapshots, the cost clock behind :attr:`cost`).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class Trainer:
         teacher: Teacher | None = None,
         teacher_cache: str | Path | None = None,
         teacher_cache_max_mb: float | None = None,
+        teacher_store: StoreSettings | None = None,
         run_dir: str | Path | None = None,
         device: torch.device | str = "cpu",
         seed: int = 0,
@@ -182,6 +187,7 @@ class Trainer:
             prefer_channels_last(member, self.device)
         self.teacher_cache = Path(teacher_cache) if teacher_cache is not None else None
         self.teacher_cache_max_mb = DEFAULT_MAX_MB if teacher_cache_max_mb is None else teacher_cache_max_mb
+        self.teacher_store = teacher_store if teacher_store is not None else StoreSettings()
         self.train_data, self.test_data = train_data, test_data
         self.stages = list(stages)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -191,6 +197,7 @@ class Trainer:
         self.echo = echo or (lambda line: tqdm.write(line, file=sys.stderr))
         if not self.dist.is_main:
             self.echo = lambda line: None
+        self.clock = CostClock()  # where the time goes: Trainer.cost
         self.callbacks = self._builtin_callbacks(progress and self.dist.is_main, snapshot_epochs) + list(callbacks)
         self.history: list[EpochRecord] = []
         self.current: StageRun | None = None  # the stage being trained (the last one after fit)
@@ -200,7 +207,7 @@ class Trainer:
     def _builtin_callbacks(self, progress: bool, snapshot_epochs: Sequence[float]) -> list[Callback]:
         callbacks: list[Callback] = [ProgressDisplay(self.label, self.echo, live=progress),
                                      SanityChecks(self.label, self._probe_batch, self.train_data.num_classes,
-                                                  self.echo)]
+                                                  self.echo), self.clock]
         if self.writes_files:
             callbacks.append(MetricsFile(self.run_dir / METRICS_NAME))
             if snapshot_epochs:
@@ -216,6 +223,13 @@ class Trainer:
     @property
     def writes_files(self) -> bool:
         return self.run_dir is not None and self.dist.is_main
+
+    @property
+    def cost(self) -> dict[str, Any]:
+        """This process's cost report: seconds in the teacher, the student's steps, data, evaluation and
+        the rest; the teacher stores' size, build and check times; the store's speed-up (see
+        :mod:`distillery.train.cost`). It covers what this process ran (not the part before a resume)."""
+        return self.clock.report()
 
     def fit(self, resume: bool = False) -> list[EpochRecord]:
         """Set up every stage's method, run every stage to the end (or continue a checkpointed
@@ -279,11 +293,14 @@ class Trainer:
 
         Distributed: ``batch_size`` is global; each rank takes its share of every batch.
         """
-        cfg = self.stages[s].train
+        cfg, store = self.stages[s].train, self.teacher_store
+        augment = Augment(cfg.augment.crop_padding, cfg.augment.hflip)
+        # Stages the teacher store can serve replay its E epochs of views, drawn with its own seed.
+        replay = self.teacher is not None and replays_views(self.stages[s].method, augment, store)
         return BatchLoader(
             self.train_data, self._rank_batch_size(cfg.batch_size, s), shuffle=True,
-            drop_last=len(self.train_data) >= cfg.batch_size,
-            augment=Augment(cfg.augment.crop_padding, cfg.augment.hflip), seed=self.seed + 1000 * s,
+            drop_last=len(self.train_data) >= cfg.batch_size, augment=augment, seed=self.seed + 1000 * s,
+            augment_seed=store.seed if replay else None, augment_epochs=store.epochs if replay else None,
             device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
         )
 
@@ -297,18 +314,34 @@ class Trainer:
                              f"of {batch_size} over {world} processes; use a smaller batch_size")
         return batch_size // world
 
-    def _stage_teacher(self, method: Method, loader: BatchLoader) -> Teacher | CachedTeacher | None:
-        """The teacher a stage runs every step: served from the cache when that is exact (the
-        method reads only logits and the stage does not augment), else run on the fly.
+    def _stage_teacher(self, method: Method, loader: BatchLoader) -> TimedTeacher | None:
+        """The teacher a stage runs every step, timed by the cost clock: the teacher store's outputs
+        on the stage's views when it serves them (see :mod:`distillery.teacher_store`), the cached
+        logits when those are exact (the method reads only logits and the stage does not augment),
+        else the teacher run on the fly.
 
-        Distributed: rank 0 fills the cache first, then the other ranks read it.
+        Distributed: rank 0 fills the cache or store first, then the other ranks read it.
         """
         if self.teacher is None or not method.runs_teacher_every_step:
             return None
-        if self.teacher_cache is None or method.teacher_layers or loader.augment.active:
-            return self.teacher
-        teacher, folder = self.teacher, self.teacher_cache
-        return self.dist.main_first(lambda: CachedTeacher.build(teacher, self.train_data, folder, self.device))
+        teacher, folder, store = self.teacher, self.teacher_cache, self.teacher_store
+        if folder is None or method.teacher_layers:
+            return self.clock.timed(teacher)
+        if store_serves(method, loader, store):
+            temperature = soft_target_temperature(method)
+            if store.top_k is not None and temperature is None:
+                raise ValueError(f"teacher.store_top_k={store.top_k} stores probabilities at one temperature, but "
+                                 f"method {method.name!r} reads the teacher's raw or standardised logits, or learns "
+                                 "its temperature; unset teacher.store_top_k")
+            stored = self.dist.main_first(lambda: StoredTeacher.build(
+                teacher, loader, folder, store, temperature=temperature, check_seed=self.seed))
+            epochs = next(stage.train.epochs for stage in self.stages if stage.method is method)
+            self.echo(f"[{self.label}] {stored.describe(epochs)}")
+            return self.clock.timed(stored)
+        if loader.augment.active:
+            return self.clock.timed(teacher)
+        return self.clock.timed(self.dist.main_first(
+            lambda: CachedTeacher.build(teacher, self.train_data, folder, self.device)))
 
     def _start_stage(self, s: int, state: dict[str, Any] | None) -> StageRun:
         """Build stage ``s``'s loader, teacher, optimiser, schedule and loss scaler (restored from
@@ -352,6 +385,8 @@ class Trainer:
         self.student.train()
         run.method.train()
         run.method.start_epoch(epoch, cfg.epochs)
+        if run.teacher is not None:
+            run.teacher.start_epoch(epoch)  # a stored teacher serves (and checks) this epoch's views
         check_every = 1 if self.device.type == "cpu" else 20
         terms: dict[str, Tensor] = {}
         tick = time.perf_counter()

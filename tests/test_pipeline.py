@@ -90,7 +90,10 @@ def test_the_main_job_writes_the_deployed_card_and_export_verifies_the_student(
     assert main(["run", *tiny_args(fake_root, out)]) == 0
     printed = capsys.readouterr().out
     assert "student distilled int8" in printed and "ORT b=1 median / p90" in printed
-    card = json.loads((out / "tiny" / "results.json").read_text())["card"]
+    results = json.loads((out / "tiny" / "results.json").read_text())
+    assert set(results["cost"]) == {"teacher", "student_alone", "student_distilled"}
+    assert all(results["cost"][role] for role in results["cost"])  # each run's cost.json, read back
+    card = results["card"]
     assert [r["label"] for r in card["rows"]] == ["teacher", "student alone", "student distilled",
                                                   "student distilled int8"]
     checkpoint = out / "tiny" / "student_distilled" / "checkpoint.pt"

@@ -207,7 +207,8 @@ def run_main_job(config: RunConfig, options: JobOptions = JobOptions()) -> MainJ
         ("student_distilled", distilled.model, config.student.model)))
     seconds = time.perf_counter() - started
     report_path = _write_report(config, runs.distilled, rows, out, len(runner.data.pair(runs.alone.data)[0]),
-                                len(test), seconds, card)
+                                len(test), seconds, card,
+                                {label: trained[label].cost for label in trained})
     return MainJobResult(rows, report_path, plot_path, text_table(rows), seconds, card)
 
 
@@ -236,7 +237,7 @@ def _measured_row(label: str, model: nn.Module, spec: ModelConfig, test: ImageDa
 
 
 def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], out: Path, n_train: int,
-                  n_test: int, seconds: float, card: Card) -> Path:
+                  n_test: int, seconds: float, card: Card, costs: dict[str, dict | None]) -> Path:
     methods = " → ".join(f"{s.method.name} {s.method.options()}" for s in distilled.stages)
     gain = 100 * (rows[2].test_accuracy - rows[1].test_accuracy)
     report = (
@@ -253,7 +254,7 @@ def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], o
     report_path.write_text(report)
     (out / "results.json").write_text(json.dumps({
         "config": config.model_dump(mode="json"), "rows": [r.as_dict() for r in rows],
-        "gain_points": gain, "seconds": seconds, "card": card.as_dict(),
+        "gain_points": gain, "seconds": seconds, "card": card.as_dict(), "cost": costs,
     }, indent=2))
     return report_path
 

@@ -9,6 +9,7 @@ hands the rest to the :class:`~distillery.train.Trainer`.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import time
@@ -22,7 +23,7 @@ from torch import nn
 from distillery.data import BatchLoader, ImageDataset, stratified_split
 from distillery.data.sources import DataSource, PythonSource, load_data
 from distillery.deploy.export import export_model
-from distillery.fsio import LOCK_NAME, FolderLock
+from distillery.fsio import LOCK_NAME, FolderLock, atomic_write
 from distillery.models.registry import AllowCode, CodePolicy
 from distillery.networks import build_model, load_trained_model
 from distillery.spec import SPEC_FORMAT, DataSpec, RunSpec, TeacherRef
@@ -33,6 +34,14 @@ from distillery.train.state import EpochRecord
 from distillery.train.tensorboard import TensorBoardLogger
 
 WEIGHTS_NAME = "model.safetensors"  # the trained network alone, loadable without distillery
+COST_NAME = "cost.json"  # seconds in the teacher, the student, data and evaluation (Trainer.cost)
+
+
+def _read_cost(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def save_weights(model: nn.Module, spec: RunSpec, data: ImageDataset, path: Path) -> None:
@@ -55,6 +64,7 @@ class TrainedModel:
     model: nn.Module
     history: list[EpochRecord]
     run_dir: Path | None
+    cost: dict | None = None  # where the training time went (Trainer.cost), kept in cost.json beside the checkpoint
 
     @property
     def role(self) -> str:
@@ -213,11 +223,13 @@ class Runner:
         model = build_model(spec.model, train_data, allow_code=self.allow_code)
         run_dir = self.folder(spec)
         with self._folder_lock(run_dir, spec):
-            history, action = self._fit(spec, model, run_dir, device, teachers, train_data, test_data)
+            history, action, cost = self._fit(spec, model, run_dir, device, teachers, train_data, test_data)
             model.eval()
+            if distributed.current().is_main and action != "reuse":
+                atomic_write(run_dir / COST_NAME, json.dumps(cost, indent=1), what="cost report")
             if distributed.current().is_main and not (run_dir / WEIGHTS_NAME).exists():
                 save_weights(model, spec, test_data, run_dir / WEIGHTS_NAME)
-        trained = TrainedModel(spec, model, history, run_dir)
+        trained = TrainedModel(spec, model, history, run_dir, _read_cost(run_dir / COST_NAME))
         self.counts["reused" if action == "reuse" else "trained"] += 1
         if action == "reuse":
             self.echo(f"{spec.label}: reusing {run_dir}, {100 * trained.test_accuracy:.2f} %")
@@ -232,7 +244,7 @@ class Runner:
         return FolderLock(run_dir, f"training {spec.label}")
 
     def _fit(self, spec: RunSpec, model: nn.Module, run_dir: Path, device: torch.device, teachers: list[nn.Module],
-             train_data: ImageDataset, test_data: ImageDataset) -> tuple[list[EpochRecord], str]:
+             train_data: ImageDataset, test_data: ImageDataset) -> tuple[list[EpochRecord], str, dict]:
         # Distributed: rank 0 alone inspects (and may move aside) the folder; every rank gets its decision.
         action = distributed.current().on_main(
             lambda: prepare_run_dir(run_dir, spec.key, resume=self.resume, overwrite=self.overwrite))
@@ -247,7 +259,8 @@ class Runner:
             meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
                   "role": spec.label, "dataset": spec.data.name, "num_classes": train_data.num_classes},
         )
-        return trainer.fit(resume=action in ("reuse", "resume")), action
+        history = trainer.fit(resume=action in ("reuse", "resume"))
+        return history, action, trainer.cost
 
     @staticmethod
     def _loggers(spec: RunSpec, run_dir: Path) -> list[Callback]:

@@ -222,7 +222,8 @@ def test_the_cli_under_the_process_group(runs):
     assert [c["ok"]["code"] for c in cli] == [0, 0]
     assert "student_alone: test accuracy" in cli[0]["ok"]["stdout"] and cli[1]["ok"]["stdout"] == ""  # rank 0 prints
     run_dir = out / "cli" / "fmnist" / "student_alone"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "cost.json", "metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "cost.json", "metrics.jsonl",
+                                                        "model.safetensors"]
     # rank 0 found a run of other settings; both ranks exit 2 with its message
     assert [c["clash"]["code"] for c in cli] == [2, 2]
     errors = [c["clash"]["stderr"] for c in cli]

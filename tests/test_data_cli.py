@@ -64,3 +64,26 @@ def test_a_corrupt_image_and_an_empty_class_folder_are_named(tmp_path: Path, cap
     (root / "birds").mkdir()
     assert _run(data, tmp_path / "runs") == EXIT_BAD_INPUT
     assert "birds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(12,), (2, 10), (1, 8, 8)], ids=["N×D", "N×C×L", "N×C×H×W"])
+def test_tensor_datasets_of_any_sample_shape_train_through_the_trainer(shape, tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from distillery import Stage, TrainConfig, Trainer, create_method
+    from distillery.data import InMemoryDataset, Normalisation
+
+    arrays = np.load(_arrays(tmp_path / "d.npz", shape))
+    data = InMemoryDataset(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]), Normalisation.none(), 3)
+    if len(shape) == 1:
+        student = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    elif len(shape) == 2:
+        student = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                                nn.Linear(8, 3))
+    else:
+        student = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(8, 3))
+    history = Trainer(student, data, data, [Stage(create_method("ce"), TrainConfig(epochs=1, batch_size=16))],
+                      progress=False, echo=lambda m: None).fit()
+    assert len(history) == 1 and 0 <= history[0]["test_accuracy"] <= 1

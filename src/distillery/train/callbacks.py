@@ -107,14 +107,15 @@ class ProgressDisplay(Callback):
                       f"loss {event.sums.mean_loss():.4f}  {_speed(event):.0f} img/s")
 
     def on_epoch_end(self, event: EpochEvent) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._close_bar()
         r, s = event.record, event.stage
         self.echo(f"[{self.label}] stage {s.stage + 1} ({s.method}) epoch {event.epoch + 1}/{s.epochs}: "
                   f"loss {r['train_loss']:.4f}  test acc {r['test_accuracy']:.4f}  {r['images_per_s']:.0f} img/s")
 
     def on_stage_end(self, event: StageEvent) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

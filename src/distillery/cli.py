@@ -119,7 +119,7 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="methods with their default stages (default: every method that applies to the pair)")
     p.add_argument("--tuned", nargs="+", default=[], metavar="YAML",
-                   help="recipes whose stages replace a method's defaults (a tune run's best.yaml)")
+                   help="recipes whose stages run beside the methods' defaults (a tune run's best.yaml)")
     p.add_argument("--method-set", dest="method_sets", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="override a key for one method only, e.g. fsp:distill.stages.0.train.epochs=5 (repeatable)")
     _add_teacher_option(p)

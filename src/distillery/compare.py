@@ -294,10 +294,9 @@ def run_compare(config: RunConfig, *, methods: Sequence[str] | None = None, tune
     for name in names:
         method_class(name)  # an unknown name fails before any training
     pinned = pin_teacher(config, recipe_runs(config).teacher_run, runner)
-    by_method = {c.config.distill.stages[0].method.name: c for c in (tuned_contender(pinned, p) for p in tuned)}
-    contenders = [by_method.pop(name) if name in by_method else method_contender(pinned, name, sets.get(name, ()))
-                  for name in names]
-    contenders += list(by_method.values())
+    # every named method with its defaults, then every tuned recipe beside them ("hinton (best)")
+    contenders = [method_contender(pinned, name, sets.get(name, ())) for name in names]
+    contenders += [tuned_contender(pinned, path) for path in tuned]
     seed_list = [config.seed + i for i in range(seeds)]
     teacher = TeacherRef(checkpoint=pinned.teacher.checkpoint, model=pinned.teacher.model)
     comparison = compare_contenders(pinned, contenders, seed_list, runner, teacher=teacher, skip_unfit=not methods,

@@ -28,30 +28,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from distillery.config import ConfigError, apply_override, read_yaml_mapping, resolve_recipe  # noqa: E402
-from distillery.fidelity import (  # noqa: E402
+from distillery.config import ConfigError, apply_override, describe_model, read_yaml_mapping, resolve_recipe
+from distillery.fidelity import (
     Fidelity,
     chance_accuracy,
     collapse_warning,
     measure_fidelity,
     teacher_warning,
 )
-from distillery.methods import METHODS, method_class  # noqa: E402
-from distillery.recipe import RunConfig, recipe_runs, validate_config  # noqa: E402
-from distillery.reproduce.report import format_diff  # noqa: E402
-from distillery.reproduce.runs import model_text  # noqa: E402
-from distillery.runner import Runner, TrainedModel, default_folder  # noqa: E402
-from distillery.spec import RunSpec, TeacherRef  # noqa: E402
-from distillery.stats import PairedDifference, mean_std, paired_difference, verdict  # noqa: E402
-from distillery.teacher import Teacher  # noqa: E402
-from distillery.train import evaluate, resolve_device  # noqa: E402
-from distillery.train.loop import CHECKPOINT_NAME  # noqa: E402
-from distillery.tune.space import materialised, method_stages_override  # noqa: E402
+from distillery.methods import METHODS, method_class
+from distillery.recipe import RunConfig, recipe_runs, validate_config
+from distillery.report import plots as report_plots
+from distillery.runner import Runner, TrainedModel, default_folder
+from distillery.spec import RunSpec, TeacherRef
+from distillery.stats import PairedDifference, format_diff, mean_std, paired_difference, verdict
+from distillery.teacher import Teacher
+from distillery.train import evaluate, resolve_device
+from distillery.train.loop import CHECKPOINT_NAME
+from distillery.tune.space import materialised, method_stages_override
 
 OUTCOMES = {"yes": "gain confirmed", "no": "loss"}  # stats.verdict for direction +1 → the words of the report
 
@@ -337,23 +331,9 @@ def _fidelity_text(seeds: Sequence[SeedResult], name: str, scale: float, fmt: st
 def plot_forest(results: Sequence[ContenderResult], path: Path, title: str) -> Path:
     """Each contender's mean difference to the student alone with its 95 % interval (a forest plot)."""
     colours = {"gain confirmed": "#2a7", "loss": "#c33"}
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(results) + 1.6))
-    for i, result in enumerate(results):
-        d, colour = result.difference, colours.get(result.outcome, "#888")
-        if d.has_interval:
-            ax.plot([d.low, d.high], [i, i], color=colour, lw=2)
-        ax.plot(d.mean, i, "o", color=colour)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(results)), [r.label for r in results], fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="test accuracy minus the student alone (points; 95 % CI; green: gain confirmed, red: loss)",
-           title=title)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report_plots.plot_forest(
+        [r.label for r in results], [r.difference for r in results], [colours.get(r.outcome, "#888") for r in results],
+        path, title, "test accuracy minus the student alone (points; 95 % CI; green: gain confirmed, red: loss)")
 
 
 def comparison_dict(comparison: Comparison) -> dict[str, Any]:
@@ -396,8 +376,8 @@ def write_comparison(comparison: Comparison, config: RunConfig, out: Path, secon
 
 def _header(config: RunConfig, comparison: Comparison, seconds: float) -> list[str]:
     data = config.data
-    return [f"- Teacher: {model_text(config.teacher.model)} ({config.teacher.checkpoint}); student: "
-            f"{model_text(config.student.model)}, {config.student.train.epochs} epochs alone.",
+    return [f"- Teacher: {describe_model(config.teacher.model)} ({config.teacher.checkpoint}); student: "
+            f"{describe_model(config.student.model)}, {config.student.train.epochs} epochs alone.",
             f"- Data: {data.dataset}, {data.train_subset or 'all'} training and {data.test_subset or 'all'} test "
             f"examples; seeds {', '.join(map(str, comparison.seeds))} (a seed fixes the data subset, the initial "
             "weights and the batch order of every run of that seed).",

@@ -41,6 +41,13 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model factory")
 
 
+def describe_model(spec: ModelConfig | dict[str, Any]) -> str:
+    """``resnet8`` or ``mlp(hidden=[800, 800])``: a model spec for reports."""
+    spec = ModelConfig.model_validate(spec) if isinstance(spec, dict) else spec
+    args = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
+    return f"{spec.name}({args})" if args else spec.name
+
+
 class OptimizerConfig(Section):
     """The optimiser of one stage (a config's ``train.optimizer``); the student's and the method's
     learnable parameters are optimised together.

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillery.config import ConfigError, ModelConfig, describe_data
+from distillery.config import ConfigError, ModelConfig, describe_data, describe_model
 from distillery.data import BatchLoader, ImageDataset
 from distillery.deploy import (
     Card,
@@ -217,7 +217,7 @@ def _deployment_card(config: RunConfig, train: ImageDataset, test: ImageDataset,
     """The compression card of the deployed models (ONNX, safetensors, int8) in ``<out>/deploy``."""
     batch = next(BatchLoader(test, len(test)).epoch(0))
     calibration = next(BatchLoader(train.subset(500, seed=config.seed), 500).epoch(0)).inputs
-    inputs = [CardInput(role, copy.deepcopy(model).cpu(), _describe(spec), spec.model_dump(mode="json"))
+    inputs = [CardInput(role, copy.deepcopy(model).cpu(), describe_model(spec), spec.model_dump(mode="json"))
               for role, model, spec in models]
     return build_card(inputs, batch.inputs, batch.targets, None, out / "deploy", threads=torch.get_num_threads(),
                       calibration=calibration)
@@ -230,7 +230,7 @@ def _measured_row(label: str, model: nn.Module, spec: ModelConfig, test: ImageDa
     cpu_model = copy.deepcopy(model).cpu()
     input_shape = tuple(test.images.shape[1:])
     return ModelRow(
-        role=label, model=_describe(spec), test_accuracy=accuracy,
+        role=label, model=describe_model(spec), test_accuracy=accuracy,
         parameters=count_parameters(cpu_model), size_bytes=size_on_disk(cpu_model),
         latency_ms_b1=latency_ms(cpu_model, input_shape), throughput_b256=throughput(cpu_model, input_shape),
     )
@@ -257,8 +257,3 @@ def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], o
         "gain_points": gain, "seconds": seconds, "card": card.as_dict(), "cost": costs,
     }, indent=2))
     return report_path
-
-
-def _describe(spec: ModelConfig) -> str:
-    args = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
-    return f"{spec.name}({args})" if args else spec.name

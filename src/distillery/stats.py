@@ -171,3 +171,11 @@ def median_interval(values: Sequence[float], level: float = 0.95) -> MedianInter
             break
         tail, k = next_tail, k + 1
     return MedianInterval(median, x[k - 1], x[n - k], n, 1 - 2 * tail)
+
+
+def format_diff(diff: PairedDifference | None, unit: str = "") -> str:
+    """``+0.91 [+0.47, +1.35]``: a paired difference with its interval, for reports (``—`` for none)."""
+    if diff is None:
+        return "—"
+    interval = f"[{diff.low:+.2f}, {diff.high:+.2f}]" if diff.has_interval else "CI n/a (1 seed)"
+    return f"{diff.mean:+.2f}{unit} {interval}"

@@ -39,6 +39,7 @@ from distillery.deploy.measure import (
 from distillery.deploy.quantize import QuantizeMode, QuantizeResult, quantize_onnx
 from distillery.deploy.runtime import batched, onnx_session, session_call
 from distillery.report.measure import count_parameters
+from distillery.report.plots import save_figure
 from distillery.report.table import human_bytes, render_markdown, render_text
 
 matplotlib.use("Agg")  # files only; never needs a display
@@ -225,11 +226,7 @@ def plot_accuracy_latency(rows: Sequence[CardRow], path: str | Path) -> Path:
            title="accuracy against latency")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @dataclass(frozen=True)

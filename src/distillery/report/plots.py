@@ -1,4 +1,4 @@
-"""Learning-curve plots (PNG) from the per-epoch metrics of runs."""
+"""Plots (PNG): learning curves of runs, forest plots of paired differences, and saving a figure."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from distillery.stats import PairedDifference  # noqa: E402
 
 
 def plot_learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
@@ -38,8 +40,31 @@ def plot_learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], p
         ax.legend()
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write (110 dpi, the folder made if missing) and close ``fig``; returns its path."""
+    path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_forest(labels: Sequence[str], differences: Sequence[PairedDifference], colours: Sequence[str],
+                path: str | Path, title: str, xlabel: str, fontsize: int = 8) -> Path:
+    """Each difference's mean (a dot) with its 95 % interval (a line, when there is one), one row
+    per label in the given colour, against a line at zero: a forest plot."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.6))
+    for i, (d, colour) in enumerate(zip(differences, colours)):
+        if d.has_interval:
+            ax.plot([d.low, d.high], [i, i], color=colour, lw=2)
+        ax.plot(d.mean, i, "o", color=colour)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(labels)), list(labels), fontsize=fontsize)
+    ax.invert_yaxis()
+    ax.set(xlabel=xlabel, title=title)
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)

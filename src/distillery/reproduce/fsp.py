@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillery.config import describe_model
 from distillery.methods.features import STAGE1_OPTIMIZER
 from distillery.reproduce.experiment import Env, Experiment, Measured
 from distillery.reproduce.report import Claim, Row, plot_curves
-from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, model_text, run_spec, stage
+from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, run_spec, stage
 from distillery.spec import StageSpec
 from distillery.train import evaluate_ensemble, resolve_device
 
@@ -181,8 +182,8 @@ def header(budget: FSPBudget) -> list[str]:
         "is compared, not the numbers.",
         f"Data: {train} training images per seed (a random subset, its own per seed), {test} test images; "
         f"augmentation {budget.augment} in every main-task stage, none in stage 1.",
-        f"Networks: teacher and same-size students {model_text(budget.teacher)}; small student "
-        f"{model_text(budget.student)}. Teacher: {budget.teacher_epochs} epochs; fast-optimisation students: "
+        f"Networks: teacher and same-size students {describe_model(budget.teacher)}; small student "
+        f"{describe_model(budget.student)}. Teacher: {budget.teacher_epochs} epochs; fast-optimisation students: "
         f"{budget.stage1_epochs} stage-1 epoch(s) + {budget.fast_epochs} main-task epochs; small students: "
         f"{budget.stage1_epochs} stage-1 epoch(s) (FitNets, FSP) + {budget.small_epochs} main-task epochs, the same "
         "for the small net alone.",

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
+from distillery.config import describe_model
 from distillery.data import BatchLoader, ImageDataset
 from distillery.reproduce.experiment import Env, Experiment, Measured
 from distillery.reproduce.report import Claim, Row, plot_lines, plot_settings
-from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, model_text, run_spec, stage
+from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, run_spec, stage
 from distillery.train import evaluate_ensemble, resolve_device
 
 
@@ -228,9 +229,9 @@ def header(budget: HintonBudget) -> list[str]:
         "direction of each effect is compared, not the numbers.",
         f"Data: {train} training images per seed (a random subset, its own per seed), {budget.val_size:,} held-out "
         f"validation images (for the bias correction only), {test} test images.",
-        f"Teacher: {model_text(budget.teacher)}, input jitter ±{budget.jitter} px, {budget.teacher_epochs} epochs; "
+        f"Teacher: {describe_model(budget.teacher)}, input jitter ±{budget.jitter} px, {budget.teacher_epochs} epochs; "
         f"ensemble: {budget.ensemble_size} such teachers (other initial weights). Student: "
-        f"{model_text(budget.student)}, no regularisation, {budget.student_epochs} epoch(s), every setting.",
+        f"{describe_model(budget.student)}, no regularisation, {budget.student_epochs} epoch(s), every setting.",
         f"Training: SGD (momentum 0.9, lr {budget.lr}, cosine, no weight decay), batch {budget.batch_size}; "
         f"students clip the gradient norm at {budget.student_grad_clip} (T = 20 diverged without). "
         "Distillation: ce_weight 0.1, kd_weight 0.9 (L = 0.1·CE + 0.9·T²·KL), temperatures "

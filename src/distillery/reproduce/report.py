@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from distillery.stats import PairedDifference, mean_std, paired_difference, verdict  # noqa: E402
+from distillery.report.plots import plot_forest, save_figure  # noqa: E402
+from distillery.stats import PairedDifference, format_diff, mean_std, paired_difference, verdict  # noqa: E402
 
 Values = Mapping[str, Sequence[float]]  # setting -> one value per seed (seed order)
 
@@ -62,13 +63,6 @@ def build_rows(claims: Sequence[Claim], values: Values) -> list[Row]:
             reproduced = verdict(diff, claim.direction) if claim.direction is not None else "—"
         rows.append(Row(claim, mean, std, len(setting), diff, reproduced))
     return rows
-
-
-def format_diff(diff: PairedDifference | None, unit: str = "") -> str:
-    if diff is None:
-        return "—"
-    interval = f"[{diff.low:+.2f}, {diff.high:+.2f}]" if diff.has_interval else "CI n/a (1 seed)"
-    return f"{diff.mean:+.2f}{unit} {interval}"
 
 
 def markdown_table(rows: Sequence[Row], unit: str = "") -> str:
@@ -116,14 +110,6 @@ def write_markdown(path: Path, title: str, header: Sequence[str], rows: Sequence
 # ------------------------------------------------------------------ plots
 
 
-def _finish(fig, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_settings(values: Values, path: Path, title: str, ylabel: str = "test accuracy (%)") -> Path:
     """Mean ± std of every setting as a bar, each seed's value as a dot."""
     names = list(values)
@@ -141,26 +127,15 @@ def plot_settings(values: Values, path: Path, title: str, ylabel: str = "test ac
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_differences(rows: Sequence[Row], path: Path, title: str, unit: str = "points") -> Path:
     """Each comparison's mean difference to its baseline with its 95 % interval (a forest plot)."""
     compared = [r for r in rows if r.diff is not None]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(compared) + 1.5))
-    for i, row in enumerate(compared):
-        d = row.diff
-        assert d is not None
-        color = {"yes": "#2a7", "no": "#c33"}.get(row.reproduced, "#888")
-        if d.has_interval:
-            ax.plot([d.low, d.high], [i, i], color=color, lw=2)
-        ax.plot(d.mean, i, "o", color=color)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(compared)), [f"{r.claim.setting}\nvs {r.claim.baseline}" for r in compared], fontsize=7)
-    ax.invert_yaxis()
-    ax.set(xlabel=f"difference to baseline ({unit}; 95 % CI; green: paper's direction reproduced)", title=title)
-    ax.grid(axis="x", alpha=0.3)
-    return _finish(fig, path)
+    return plot_forest([f"{r.claim.setting}\nvs {r.claim.baseline}" for r in compared], [r.diff for r in compared],
+                       [{"yes": "#2a7", "no": "#c33"}.get(r.reproduced, "#888") for r in compared], path, title,
+                       f"difference to baseline ({unit}; 95 % CI; green: paper's direction reproduced)", fontsize=7)
 
 
 def plot_curves(curves: Mapping[str, Sequence[Sequence[tuple[float, float]]]], path: Path, title: str,
@@ -180,7 +155,7 @@ def plot_curves(curves: Mapping[str, Sequence[Sequence[tuple[float, float]]]], p
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lines(series: Mapping[str, Mapping[float, Sequence[float]]], path: Path, title: str, xlabel: str,
@@ -204,4 +179,4 @@ def plot_lines(series: Mapping[str, Mapping[float, Sequence[float]]], path: Path
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _finish(fig, path)
+    return save_figure(fig, path)

@@ -42,13 +42,6 @@ def run_spec(label: str, model: dict[str, Any], stages: Sequence[StageSpec], dat
                    tuple(snapshots), device=device, cache=CacheSpec(cache))
 
 
-def model_text(spec: ModelConfig | dict[str, Any]) -> str:
-    """``resnet8`` or ``mlp(hidden=[800, 800])``: a model spec for reports."""
-    spec = ModelConfig.model_validate(spec) if isinstance(spec, dict) else spec
-    args = ", ".join(f"{k}={v}" for k, v in spec.kwargs.items())
-    return f"{spec.name}({args})" if args else spec.name
-
-
 def runs_root(out: Path) -> Path:
     return Path(out) / "runs"
 

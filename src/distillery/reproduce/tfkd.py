@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillery.config import describe_model
 from distillery.reproduce.experiment import Env, Experiment, Measured
 from distillery.reproduce.report import Claim, Row
-from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, model_text, run_spec, stage
+from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, run_spec, stage
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,9 @@ def header(budget: TfKDBudget) -> list[str]:
         f"Paper: Yuan et al. 2020 (CIFAR-100, Tiny-ImageNet); here {budget.dataset}, so only the direction of each "
         "effect is compared, not the numbers.",
         f"Data: {train} training images per seed (a random subset, its own per seed), {test} test images.",
-        f"Teacher: {model_text(budget.teacher)}, {budget.teacher_epochs} epochs, augmentation "
+        f"Teacher: {describe_model(budget.teacher)}, {budget.teacher_epochs} epochs, augmentation "
         f"{budget.teacher_augment}. "
-        f"Student: {model_text(budget.student)}, {budget.student_epochs} epochs, augmentation "
+        f"Student: {describe_model(budget.student)}, {budget.student_epochs} epochs, augmentation "
         f"{budget.student_augment}. Re-KD trains the teacher's architecture with the teacher's settings.",
         f"Training: SGD (momentum 0.9, lr {budget.lr}, weight decay {budget.weight_decay}, cosine), batch "
         f"{budget.batch_size}. KD, Re-KD, De-KD, Tf-KD_self: T = {kd['temperature']:g}, ce_weight "

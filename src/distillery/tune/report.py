@@ -27,9 +27,10 @@ from optuna.importance import PedAnovaImportanceEvaluator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from distillery.compare import Comparison, comparison_dict, comparison_table, plot_forest  # noqa: E402
+from distillery.config import describe_model  # noqa: E402
 from distillery.recipe import RunConfig  # noqa: E402
-from distillery.reproduce.report import format_diff  # noqa: E402
-from distillery.reproduce.runs import model_text  # noqa: E402
+from distillery.report.plots import save_figure  # noqa: E402
+from distillery.stats import format_diff  # noqa: E402
 from distillery.tune.objective import Reference  # noqa: E402
 from distillery.tune.space import SearchSpace  # noqa: E402
 from distillery.tune.study import StudyPlan  # noqa: E402
@@ -102,13 +103,6 @@ def parameter_importances(study: optuna.Study) -> dict[str, float] | str:
 # ---------------------------------------------------------------- plots
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_history(rows: Sequence[dict[str, Any]], alone: float, path: Path) -> Path:
     """Validation accuracy of each completed trial, the best so far, and the student alone."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -128,7 +122,7 @@ def plot_history(rows: Sequence[dict[str, Any]], alone: float, path: Path) -> Pa
     ax.set(xlabel="trial (red bands: stopped early)", ylabel="validation accuracy (%)", title="optimisation history")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_importances(importances: dict[str, float], path: Path) -> Path:
@@ -138,7 +132,7 @@ def plot_importances(importances: dict[str, float], path: Path) -> Path:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set(xlabel="importance (PED-ANOVA, normalised to sum 1)", title="parameter importances")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- the report
@@ -181,7 +175,7 @@ def _header(config: RunConfig, plan: StudyPlan, reference: Reference, rows: Sequ
     tune = plan.tune
     done = sum(r["state"] == "done" for r in rows)
     teacher = "" if reference.teacher is None else f"teacher {100 * reference.teacher:.2f} %, "
-    lines = [f"- Teacher {model_text(config.teacher.model)}, student {model_text(config.student.model)}; "
+    lines = [f"- Teacher {describe_model(config.teacher.model)}, student {describe_model(config.student.model)}; "
              f"{config.data.dataset}, {config.data.train_subset or 'all'} training examples of which "
              f"{100 * tune.validation_fraction:g} % are held out (stratified, seed {config.seed}) to score the "
              "trials; the test split is read only by the confirmation.",

@@ -107,8 +107,8 @@ class DataStore:
             raise ValueError(f"{spec.name}: {n} training + {spec.val_size} validation examples asked for "
                              f"(data.train_subset), but the training split holds {len(full)}")
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(spec.split_seed))
-        train = _take(full, perm[:n]) if spec.train_size is not None or spec.val_size else full
-        val = _take(full, perm[n:n + spec.val_size]) if spec.val_size else None
+        train = full.take(perm[:n]) if spec.train_size is not None or spec.val_size else full
+        val = full.take(perm[n:n + spec.val_size]) if spec.val_size else None
         if spec.omit_classes:
             train = train.without_classes(spec.omit_classes)
         return train, val
@@ -132,10 +132,6 @@ class DataStore:
             raise ValueError(f"{spec.name}: training samples are {tuple(train.inputs.shape[1:])} but test samples "
                              f"{tuple(test.inputs.shape[1:])}; both splits need samples of one shape")
         return train, test
-
-
-def _take(data: ImageDataset, index: torch.Tensor) -> ImageDataset:
-    return ImageDataset(data.images[index], data.labels[index], data.mean, data.std, data.num_classes)
 
 
 def prepare_run_dir(run_dir: Path, key: str, *, resume: bool, overwrite: bool) -> str:

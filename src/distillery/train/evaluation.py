@@ -51,8 +51,7 @@ def shard(data: ImageDataset, dist: DistContext) -> ImageDataset:
         return data
     if len(data) < dist.world_size:
         raise ValueError(f"the test set has {len(data)} examples, fewer than the {dist.world_size} ranks")
-    return ImageDataset(data.images[dist.rank :: dist.world_size], data.labels[dist.rank :: dist.world_size],
-                        data.mean, data.std, data.num_classes)
+    return data.take(torch.arange(dist.rank, len(data), dist.world_size))
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from distillery.data import BatchLoader, ImageDataset
 from distillery.deploy import (
     Card,
     CardInput,
+    CardRow,
     ExportResult,
     QuantizeResult,
     build_card,
@@ -36,13 +37,10 @@ from distillery.networks import load_trained_model
 from distillery.recipe import RunConfig, recipe_runs
 from distillery.report import (
     ModelRow,
-    count_parameters,
-    latency_ms,
     markdown_table,
     plot_learning_curves,
     size_on_disk,
     text_table,
-    throughput,
 )
 from distillery.runner import Runner, TrainedModel
 from distillery.spec import RunSpec
@@ -185,29 +183,26 @@ def run_main_job(config: RunConfig, options: JobOptions = JobOptions()) -> MainJ
     for i, spec in enumerate(phases, start=1):
         runner.echo(f"== {spec.label.replace('_', ' ')}, {i} of {len(phases)}")
         trained[spec.label] = runner.train(spec)
+    train, test = runner.data.pair(runs.alone.data)
     if runs.teacher_run is not None:
         teacher = trained[runs.teacher_run.label]
     else:  # teacher.checkpoint names a trained teacher
-        model = runner.teacher_model(runs.teacher, runner.data.pair(runs.alone.data)[0])
-        teacher = TrainedModel(runs.alone, model, [], None)
+        teacher = TrainedModel(runs.alone, runner.teacher_model(runs.teacher, train), [], None)
     alone, distilled = trained[runs.alone.label], trained[runs.distilled.label]
     if not distributed.current().is_main:
         return None
-    test = runner.data.test(runs.alone.data)
-    rows = [_measured_row(label, trained.model, spec, test, config) for label, trained, spec in (
-        ("teacher", teacher, config.teacher.model), ("student alone", alone, config.student.model),
-        ("student distilled", distilled, config.student.model))]
     out = Path(config.output_dir) / config.name
     plot_path = plot_learning_curves(
         {"teacher": teacher.history, "student alone": alone.history, "student distilled": distilled.history},
         out / "learning_curves.png", title=f"{config.name}: {describe_data(config.data)}",
     )
-    card = _deployment_card(config, runner.data.pair(runs.alone.data)[0], test, out, (
-        ("teacher", teacher.model, config.teacher.model), ("student_alone", alone.model, config.student.model),
-        ("student_distilled", distilled.model, config.student.model)))
+    networks = (("teacher", teacher.model, config.teacher.model), ("student_alone", alone.model, config.student.model),
+                ("student_distilled", distilled.model, config.student.model))
+    card = _deployment_card(config, train, test, out, networks)
+    # the card measured each network once (accuracy, parameters, PyTorch speed); the table reads its rows
+    rows = [_table_row(row, model) for row, (_, model, _) in zip(card.rows, networks)]
     seconds = time.perf_counter() - started
-    report_path = _write_report(config, runs.distilled, rows, out, len(runner.data.pair(runs.alone.data)[0]),
-                                len(test), seconds, card,
+    report_path = _write_report(config, runs.distilled, rows, out, len(train), len(test), seconds, card,
                                 {label: trained[label].cost for label in trained})
     return MainJobResult(rows, report_path, plot_path, text_table(rows), seconds, card)
 
@@ -223,16 +218,14 @@ def _deployment_card(config: RunConfig, train: ImageDataset, test: ImageDataset,
                       calibration=calibration)
 
 
-def _measured_row(label: str, model: nn.Module, spec: ModelConfig, test: ImageDataset,
-                  config: RunConfig) -> ModelRow:
-    device = resolve_device(config.device)
-    accuracy = evaluate(model, test, config.data.eval_batch_size, device)["accuracy"]
-    cpu_model = copy.deepcopy(model).cpu()
-    input_shape = tuple(test.images.shape[1:])
+def _table_row(row: CardRow, model: nn.Module) -> ModelRow:
+    """A network's line of the main job's table, from its row of the compression card (the same
+    measurements in PyTorch: batch 1 latency, batch 256 throughput) and its state_dict's size."""
+    assert row.pytorch is not None  # the float networks are measured in PyTorch too
     return ModelRow(
-        role=label, model=describe_model(spec), test_accuracy=accuracy,
-        parameters=count_parameters(cpu_model), size_bytes=size_on_disk(cpu_model),
-        latency_ms_b1=latency_ms(cpu_model, input_shape), throughput_b256=throughput(cpu_model, input_shape),
+        role=row.label, model=row.network, test_accuracy=row.test_accuracy, parameters=row.parameters,
+        size_bytes=size_on_disk(copy.deepcopy(model).cpu()), latency_ms_b1=row.pytorch.latency.median_ms,
+        throughput_b256=row.pytorch.throughput.images_per_second,
     )
 
 

@@ -3,9 +3,7 @@
 from distillery.report.measure import (
     Timing,
     count_parameters,
-    latency_ms,
     size_on_disk,
-    throughput,
     time_calls,
     time_model,
     torch_threads,
@@ -13,6 +11,6 @@ from distillery.report.measure import (
 from distillery.report.plots import plot_forest, plot_learning_curves, save_figure
 from distillery.report.table import ModelRow, human_bytes, markdown_table, render_markdown, render_text, text_table
 
-__all__ = ["ModelRow", "Timing", "count_parameters", "human_bytes", "latency_ms", "markdown_table", "plot_forest",
+__all__ = ["ModelRow", "Timing", "count_parameters", "human_bytes", "markdown_table", "plot_forest",
            "plot_learning_curves", "render_markdown", "render_text", "save_figure", "size_on_disk", "text_table",
-           "throughput", "time_calls", "time_model", "torch_threads"]
+           "time_calls", "time_model", "torch_threads"]

@@ -2,7 +2,8 @@
 
 :func:`time_calls` is the one timer: it runs any zero-argument call (a PyTorch forward pass, an
 onnxruntime session run) ``warmup`` times untimed, then ``calls`` times timed, and summarises the
-wall times as a :class:`Timing`. :func:`latency_ms` and :func:`throughput` apply it to a PyTorch model.
+wall times as a :class:`Timing`; :func:`time_model` applies it to a PyTorch model (the deployment
+card's speeds, :mod:`distillery.deploy.measure`).
 """
 
 from __future__ import annotations
@@ -102,18 +103,3 @@ def time_model(model: nn.Module, inputs: torch.Tensor, *, calls: int, warmup: in
         return time_calls(lambda: model(inputs), calls=calls, warmup=warmup, batch_size=len(inputs), sync=sync)
     finally:
         model.train(was_training)
-
-
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1, repeats: int = 100,
-               warmup: int = 10, device: torch.device | str = "cpu") -> float:
-    """Median wall time of one forward pass at ``batch_size``, in milliseconds (eval mode)."""
-    model = model.to(device).eval()
-    x = torch.randn(batch_size, *input_shape, device=device)
-    return time_model(model, x, calls=repeats, warmup=warmup).median_ms
-
-
-def throughput(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 256, repeats: int = 10,
-               device: torch.device | str = "cpu") -> float:
-    """Images per second of forward passes at ``batch_size`` (from the median batch time)."""
-    ms = latency_ms(model, input_shape, batch_size=batch_size, repeats=repeats, warmup=2, device=device)
-    return batch_size / (ms / 1000)

@@ -244,10 +244,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
     ``--set distill.stages.0.method.temperature=8`` thus tunes the stages ``--method`` chose.
     """
     first = [method_default_stages(args.method, args.config, args.overrides)] if getattr(args, "method", None) else []
-    extra = []
-    if getattr(args, "teacher", None):
-        extra.append(f"teacher.checkpoint={json.dumps(args.teacher[0])}")
-        extra.append(f"teacher.ensemble={json.dumps(args.teacher[1:])}")
+    extra = _teacher_flags(args)
     if getattr(args, "generations", None) is not None:
         extra.append(f"distill.generations={args.generations}")
     return load_config(args.config, [*first, *args.overrides, *extra])
@@ -379,7 +376,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _teacher_flags(args: argparse.Namespace) -> list[str]:
     """``--teacher A [B ...]`` as ``teacher.checkpoint`` and ``teacher.ensemble`` overrides."""
-    if not args.teacher:
+    if not getattr(args, "teacher", None):
         return []
     return [f"teacher.checkpoint={json.dumps(args.teacher[0])}", f"teacher.ensemble={json.dumps(args.teacher[1:])}"]
 

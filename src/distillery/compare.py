@@ -37,7 +37,7 @@ from distillery.fidelity import (
     teacher_warning,
 )
 from distillery.methods import METHODS, method_class
-from distillery.recipe import RunConfig, recipe_runs, validate_config
+from distillery.recipe import RunConfig, method_stages_override, recipe_runs, validate_config
 from distillery.report import plots as report_plots
 from distillery.runner import Runner, TrainedModel, default_folder
 from distillery.spec import RunSpec, TeacherRef
@@ -45,7 +45,7 @@ from distillery.stats import PairedDifference, format_diff, mean_std, paired_dif
 from distillery.teacher import Teacher
 from distillery.train import evaluate, resolve_device
 from distillery.train.loop import CHECKPOINT_NAME
-from distillery.tune.space import materialised, method_stages_override
+from distillery.tune.space import materialised
 
 OUTCOMES = {"yes": "gain confirmed", "no": "loss"}  # stats.verdict for direction +1 → the words of the report
 

@@ -8,7 +8,9 @@ is validated once, here, against the discriminated union of the registered metho
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,13 +140,22 @@ def _method_params(section: dict[str, Any], where: str, source: str) -> MethodPa
 
 
 def method_default_stages(method: str, path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> str:
-    """``--method NAME`` as an override of ``distill.stages``: the method's default stages, each
-    stage's partial ``train`` settings (a smaller stage-1 learning rate) laid over ``student.train``."""
+    """``--method NAME`` as an override of ``distill.stages`` for the recipe file at ``path`` (see
+    :func:`method_stages_override`)."""
+    source = resolve_recipe(path) if path is not None else default_recipe()
+    return method_stages_override(method, read_yaml_mapping(source), overrides, str(source))
+
+
+def method_stages_override(method: str, raw: Mapping[str, Any], overrides: Sequence[str], source: str) -> str:
+    """``distill.stages=…`` for ``method``'s default stages; a stage's partial ``train`` (a smaller
+    stage-1 learning rate) is laid over ``student.train`` of the recipe ``raw`` with ``overrides``."""
     stages = method_class(method).default_stages()
     if any("train" in stage for stage in stages):
+        probe = copy.deepcopy(dict(raw))
         plain = [{k: v for k, v in stage.items() if k != "train"} for stage in stages]
-        config = load_config(path, ["distill.stages=" + json.dumps(plain), *overrides])
-        base = config.student.train.model_dump(mode="json")
+        for item in ["distill.stages=" + json.dumps(plain), *overrides]:
+            apply_override(probe, item)
+        base = validate_config(probe, source).student.train.model_dump(mode="json")
         stages = [{**stage, "train": _merged(base, stage["train"])} if "train" in stage else stage
                   for stage in stages]
     return "distill.stages=" + json.dumps(stages)
@@ -229,4 +240,4 @@ def teacher_cache_dir(config: RunConfig) -> Path | None:
 
 
 __all__ = ["ROLES", "DistillConfig", "MethodParams", "RecipeRuns", "RunConfig", "StageConfig", "load_config",
-           "method_default_stages", "recipe_runs", "teacher_cache_dir", "validate_config"]
+           "method_default_stages", "method_stages_override", "recipe_runs", "teacher_cache_dir", "validate_config"]

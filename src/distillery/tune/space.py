@@ -45,9 +45,9 @@ from distillery.config import (
 )
 from distillery.methods import method_class
 from distillery.methods.base import OneMinus, SearchRange
-from distillery.recipe import (  # _merged: the nested merge of recipe.method_default_stages, which reads a file
+from distillery.recipe import (
     RunConfig,
-    _merged,
+    method_stages_override,
     validate_config,
 )
 
@@ -252,21 +252,6 @@ def load_tune_recipe(path: str | Path | None, overrides: Sequence[str] = (),
         return config, TuneConfig.model_validate(tune_raw)
     except ValidationError as err:
         raise ConfigError(format_errors(err, section=f"{source} (tune)", schema=TuneConfig, prefix="tune.")) from None
-
-
-def method_stages_override(method: str, raw: Mapping[str, Any], overrides: Sequence[str], source: str) -> str:
-    """``distill.stages=…`` for ``method``'s default stages; a stage's partial ``train`` (a smaller
-    stage-1 learning rate) is laid over ``student.train`` of ``raw`` with ``overrides``."""
-    stages = method_class(method).default_stages()
-    if any("train" in stage for stage in stages):
-        probe = copy.deepcopy(dict(raw))
-        plain = [{k: v for k, v in stage.items() if k != "train"} for stage in stages]
-        for item in ["distill.stages=" + json.dumps(plain), *overrides]:
-            apply_override(probe, item)
-        base = validate_config(probe, source).student.train.model_dump(mode="json")
-        stages = [{**stage, "train": _merged(base, stage["train"])} if "train" in stage else stage
-                  for stage in stages]
-    return "distill.stages=" + json.dumps(stages)
 
 
 def materialised(config: RunConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from distillery.config import DEFAULT_MAX_MB, ModelConfig, TrainConfig, fingerprint
 from distillery.data.sources import DataSource, IdxSource
-from distillery.methods import MethodParams, create_method, method_class
+from distillery.methods import MethodParams, create_method
 from distillery.teacher_store import StoreSettings
 from distillery.train import Stage
 
@@ -204,11 +204,6 @@ class RunSpec:
             "snapshots": list(self.snapshots),
             **({"store": store} if (store := self.cache.key_fields(self)) else {}),  # absent while off: old keys hold
         })
-
-    @property
-    def needs_teacher(self) -> bool:
-        """Whether any stage's method reads a teacher network."""
-        return any(method_class(s.method.name).needs_teacher for s in self.stages)
 
     def describe_stages(self) -> str:
         return " → ".join(s.describe() for s in self.stages)

@@ -36,6 +36,7 @@ from distillery.fidelity import (
     measure_fidelity,
     teacher_warning,
 )
+from distillery.fsio import atomic_write
 from distillery.methods import METHODS, method_class
 from distillery.recipe import RunConfig, method_stages_override, recipe_runs, validate_config
 from distillery.report import plots as report_plots
@@ -368,8 +369,8 @@ def write_comparison(comparison: Comparison, config: RunConfig, out: Path, secon
     lines += ["## Stages\n", *[f"- {r.label}: {r.stages}" for r in comparison.results], "",
               f"![forest plot]({forest.name})\n"]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"recipe": config.model_dump(mode="json"),
+    atomic_write(report, "\n".join(lines))
+    atomic_write(out / "results.json", json.dumps({"recipe": config.model_dump(mode="json"),
                                                   **comparison_dict(comparison), "seconds": seconds}, indent=2))
     return report
 

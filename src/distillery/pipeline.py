@@ -32,6 +32,7 @@ from distillery.deploy import (
     quantize_onnx,
     top1_accuracy,
 )
+from distillery.fsio import atomic_write
 from distillery.models.registry import CodePolicy
 from distillery.networks import load_trained_model
 from distillery.recipe import RunConfig, recipe_runs
@@ -244,8 +245,8 @@ def _write_report(config: RunConfig, distilled: RunSpec, rows: list[ModelRow], o
         f"[deploy/card.md](deploy/card.md).\n\n![learning curves](learning_curves.png)\n"
     )
     report_path = out / "report.md"
-    report_path.write_text(report)
-    (out / "results.json").write_text(json.dumps({
+    atomic_write(report_path, report)
+    atomic_write(out / "results.json", json.dumps({
         "config": config.model_dump(mode="json"), "rows": [r.as_dict() for r in rows],
         "gain_points": gain, "seconds": seconds, "card": card.as_dict(), "cost": costs,
     }, indent=2))

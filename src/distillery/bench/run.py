@@ -19,6 +19,7 @@ import torch
 
 from distillery.bench.rows import AUGMENT, PAIRS, ROWS, STORE, memory_of_row, rows_for, speed_of_rows
 from distillery.bench.targets import BATCH, CHUNK, EVAL_BATCH, Result, format_table, skipped_rows, target_checks
+from distillery.fsio import atomic_write
 
 
 def _prepare(workdir: Path, data_root: str | None, echo: Callable[[str], None]) -> None:
@@ -109,8 +110,8 @@ def run_bench(steps: int = 60, output: str | Path = "runs/bench", data_root: str
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench-{started.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".md").write_text(markdown)
-    stem.with_suffix(".json").write_text(json.dumps({
+    atomic_write(stem.with_suffix(".md"), markdown)
+    atomic_write(stem.with_suffix(".json"), json.dumps({
         "date": started.isoformat(), "torch": torch.__version__, "threads": threads,
         "cpu_count": os.cpu_count(), "steps": steps, "batch_size": BATCH, "eval_batch_size": EVAL_BATCH,
         "memory": "rise of peak resident memory (VmHWM, else ru_maxrss) in a subprocess per row, MB",

@@ -38,6 +38,7 @@ from distillery.deploy.measure import (
 )
 from distillery.deploy.quantize import QuantizeMode, QuantizeResult, quantize_onnx
 from distillery.deploy.runtime import batched, onnx_session, session_call
+from distillery.fsio import atomic_write
 from distillery.report.measure import count_parameters
 from distillery.report.plots import save_figure
 from distillery.report.table import human_bytes, render_markdown, render_text
@@ -204,8 +205,8 @@ def build_card(models: Sequence[CardInput], test_inputs: Tensor, test_labels: Te
     rows.append(_int8_row(by_role["student_distilled"], quantization, fidelity, threads, settings))
     card = Card(_with_ratios(rows), threads, settings, len(inputs), exports, quantization,
                 out_dir / "card.md", out_dir / "card.json", out_dir / "accuracy_latency.png")
-    card.markdown_path.write_text(card.markdown())
-    card.json_path.write_text(json.dumps(card.as_dict(), indent=2))
+    atomic_write(card.markdown_path, card.markdown())
+    atomic_write(card.json_path, json.dumps(card.as_dict(), indent=2))
     plot_accuracy_latency(card.rows, card.plot_path)
     return card
 

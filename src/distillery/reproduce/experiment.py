@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from distillery.config import ConfigError
+from distillery.fsio import atomic_write
 from distillery.reproduce.report import Claim, Row, build_rows, plot_differences, plot_settings, write_markdown
 from distillery.reproduce.runs import (
     ExperimentRunner,
@@ -141,7 +142,7 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
               "running the same command again reuses finished runs and continues unfinished ones."]
     report = write_markdown(out / "report.md", experiment.title, header, rows, values, seed_list, sections,
                             [*plots, *extra_plots], unit="")
-    (out / "results.json").write_text(json.dumps({
+    atomic_write(out / "results.json", json.dumps({
         "experiment": experiment.name, "budget": budget_name, "budget_settings": _plain(budget), "seeds": seed_list,
         "values": values, "extras": {str(s): m.extras for s, m in measured.items()},
         "rows": [{"setting": r.claim.setting, "baseline": r.claim.baseline, "mean": r.mean, "std": r.std, "n": r.n,

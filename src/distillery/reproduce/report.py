@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from distillery.fsio import atomic_write
 from distillery.report.plots import plot_forest, save_figure  # noqa: E402
 from distillery.stats import PairedDifference, format_diff, mean_std, paired_difference, verdict  # noqa: E402
 
@@ -103,7 +104,7 @@ def write_markdown(path: Path, title: str, header: Sequence[str], rows: Sequence
     if plots:
         parts.append("## Plots\n")
         parts += [f"![{p.stem}]({p.name})\n" for p in plots]
-    path.write_text("\n".join(parts))
+    atomic_write(path, "\n".join(parts))
     return path
 
 

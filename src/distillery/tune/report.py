@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from distillery.compare import Comparison, comparison_dict, comparison_table, plot_forest  # noqa: E402
 from distillery.config import describe_model  # noqa: E402
+from distillery.fsio import atomic_write
 from distillery.recipe import RunConfig  # noqa: E402
 from distillery.report.plots import save_figure  # noqa: E402
 from distillery.stats import format_diff  # noqa: E402
@@ -47,7 +48,7 @@ def write_best_yaml(config: RunConfig, path: Path, best: FrozenTrial, plan: Stud
               f"# {100 * best.value:.2f} % validation accuracy. Run it with: distillery distill --config {path}\n"
               "# (the teacher is the checkpoint the search used; student.train is the distilled student's last\n"
               "# stage's, so `distillery run --config` trains the student alone with the same settings).\n")
-    path.write_text(header + dump_recipe(config))
+    atomic_write(path, header + dump_recipe(config))
     return path
 
 
@@ -160,8 +161,8 @@ def write_tune_report(folder: Path, config: RunConfig, space: SearchSpace, study
         parts.append(f"Parameter importances: {importances}.\n")
     parts += _confirmation_section(comparison, folder)
     report = folder / "report.md"
-    report.write_text("\n".join(parts))
-    (folder / "results.json").write_text(json.dumps({
+    atomic_write(report, "\n".join(parts))
+    atomic_write(folder / "results.json", json.dumps({
         "study": plan.name, "storage": plan.url, "space": space.as_dict(), "trials": rows,
         "reference": {"teacher": reference.teacher, "alone": reference.alone, "warnings": list(reference.warnings)},
         "best": {"trial": best.number, "validation_accuracy": best.value, "values": best.params},

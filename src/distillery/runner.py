@@ -252,6 +252,7 @@ class Runner:
             device=device, seed=spec.seed, amp=spec.amp, eval_batch_size=spec.eval_batch_size, label=spec.label,
             progress=self.progress, sync_batchnorm=spec.sync_batchnorm, snapshot_epochs=spec.snapshots,
             callbacks=[*self.callbacks, *self._loggers(spec, run_dir)],
+            val_data=None if spec.data.validation_fraction else self.data.train_val(spec.data)[1],
             meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
                   "role": spec.label, "dataset": spec.data.name, "num_classes": train_data.num_classes},
         )

@@ -139,7 +139,8 @@ class Trainer:
     on, read the teacher's outputs on them from the teacher store. ``dist`` defaults to the process
     group this process has joined (torchrun), if any; ``sync_batchnorm`` converts the student's
     BatchNorm layers to SyncBatchNorm under DDP (CUDA only). ``snapshot_epochs``: see
-    :class:`~distillery.train.callbacks.Snapshots`. ``callbacks`` run after the built-in ones
+    :class:`~distillery.train.callbacks.Snapshots`. ``val_data`` (held-out training
+    examples) is evaluated after every epoch too (``val_accuracy``). ``callbacks`` run after the built-in ones
     (progress display, metrics file, snapshots, the cost clock behind :attr:`cost`).
     """
 
@@ -167,6 +168,7 @@ class Trainer:
         sync_batchnorm: bool = False,
         snapshot_epochs: Sequence[float] = (),
         callbacks: Sequence[Callback] = (),
+        val_data: ImageDataset | None = None,
     ) -> None:
         if not stages:
             raise ValueError("a run needs at least one stage")
@@ -188,7 +190,7 @@ class Trainer:
         self.teacher_cache = Path(teacher_cache) if teacher_cache is not None else None
         self.teacher_cache_max_mb = DEFAULT_MAX_MB if teacher_cache_max_mb is None else teacher_cache_max_mb
         self.teacher_store = teacher_store if teacher_store is not None else StoreSettings()
-        self.train_data, self.test_data = train_data, test_data
+        self.train_data, self.test_data, self.val_data = train_data, test_data, val_data
         self.stages = list(stages)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.seed, self.amp, self.label = seed, amp and self.device.type == "cuda", label
@@ -266,6 +268,8 @@ class Trainer:
             return
         self.test_loader = BatchLoader(shard(self.test_data, self.dist), self.eval_batch_size, device=self.device,
                                        keep_normalised=True)
+        self.val_loader = None if self.val_data is None else BatchLoader(
+            shard(self.val_data, self.dist), self.eval_batch_size, device=self.device, keep_normalised=True)
         example = next(self.test_loader.epoch(0)).inputs[:8]
         check_output_classes(self.student, example, self.train_data.num_classes, self.label)
         for s, stage in enumerate(self.stages):
@@ -507,6 +511,9 @@ class Trainer:
         record["train_accuracy"] = (sums.correct.item() / n) if sums.correct is not None else float("nan")
         record["test_accuracy"] = test["accuracy"]
         record["test_loss"] = test["loss"]
+        if self.val_loader is not None:  # held-out training examples: for choosing an epoch without the test split
+            val = evaluate(self.student, self.val_loader, dist=self.dist)
+            record["val_accuracy"], record["val_loss"] = val["accuracy"], val["loss"]
         record["images_per_s"] = sums.examples / max(sums.seconds, 1e-9)
         record["seconds"] = sums.seconds
         return record  # type: ignore[return-value]

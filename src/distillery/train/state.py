@@ -28,7 +28,9 @@ class EpochRecord(TypedDict, total=False):
     ``train_<term>`` each term's mean (``train_ce``, ``train_kd``, ...: the method's term names);
     ``train_accuracy`` the top-1 accuracy on the training batches as they were trained (augmented,
     in train mode, before each step's update); ``test_accuracy`` / ``test_loss`` (mean
-    cross-entropy) on the test set after the epoch; ``images_per_s`` and ``seconds`` the epoch's
+    cross-entropy) on the test set after the epoch; ``val_accuracy`` / ``val_loss`` the same on
+    the held-out validation examples, when the run has some (``DataSpec.val_size``), so an epoch can
+    be chosen without reading the test split; ``images_per_s`` and ``seconds`` the epoch's
     training speed and time (the steps and any mid-epoch checkpoints, not the evaluation; an epoch
     resumed from a checkpoint includes its seconds before the interruption).
     """
@@ -41,6 +43,8 @@ class EpochRecord(TypedDict, total=False):
     train_accuracy: float
     test_accuracy: float
     test_loss: float
+    val_accuracy: float
+    val_loss: float
     images_per_s: float
     seconds: float
 

@@ -313,3 +313,20 @@ def test_fitnets_names_spatial_sizes_that_cannot_be_pooled() -> None:
     ok.setup(student, teacher, x)
     terms = ok(run_student(student, x, ok.student_layers), ok.teacher_outputs(teacher, x), torch.zeros(2).long())
     assert terms["hint"] > 0
+
+
+def test_kd_weight_schedule_anneals_the_soft_term_linearly() -> None:
+    """FitNets' annealed KD weight as Yim et al. ran it: 4 at the first epoch, 1 at the last."""
+    from distillery.losses import kd_loss
+
+    method = create_method("hinton", kd_weight_schedule=(4.0, 1.0), temperature=3.0)
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    expected = kd_loss(s, t, 3.0)
+    weights = []
+    for epoch in range(4):
+        method.start_epoch(epoch, 4)
+        weights.append(method(ModelOutputs(s), ModelOutputs(t), y)["kd"] / expected)
+    assert [round(float(w), 5) for w in weights] == [4.0, 3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match=">= 0"):
+        create_method("hinton", kd_weight_schedule=(4.0, -1.0))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from distillery.losses import LearnableTemperature, ctkd_lambda, kd_loss, standardize_logits
@@ -44,6 +44,17 @@ class HintonParams(SoftTargetParams):
                                                                          "strength λ rises from 0 to 1 (paper: 10)")
     ctkd_range: tuple[float, float] = Field((1.0, 21.0), description="the interval the learnt T stays in "
                                                                      "(paper: 1 to 21)")
+    kd_weight_schedule: tuple[float, float] | None = Field(
+        None, description="(first, last): the soft term's weight moves linearly from the first value at the "
+                          "stage's first epoch to the last at its last epoch, in place of kd_weight (the FitNets "
+                          "baseline of Yim et al. 2017 anneals it 4 → 1); None: constant kd_weight")
+
+    @field_validator("kd_weight_schedule")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and min(value) < 0:
+            raise ValueError(f"both weights must be >= 0, got {list(value)}")
+        return value
 
 
 # What `distillery tune` searches for the soft-target methods: T log-uniform over the range papers
@@ -55,6 +66,11 @@ SOFT_TARGET_SPACE = {"temperature": SearchRange(1.0, 32.0, log=True), "kd_weight
 def soft_inputs(student: Tensor, teacher: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
     """The logits the soft term compares: as they are, or z-scored per example (class dimension last)."""
     return (standardize_logits(student), standardize_logits(teacher)) if standardize else (student, teacher)
+
+
+def annealed(first: float, last: float, epoch: int, epochs: int) -> float:
+    """Linear from ``first`` at epoch 0 to ``last`` at epoch ``epochs − 1`` (``first`` for a one-epoch stage)."""
+    return first if epochs <= 1 else first + (last - first) * epoch / (epochs - 1)
 
 
 @register_method("hinton")
@@ -76,10 +92,14 @@ class HintonKD(Method):
         learnable = getattr(p, "learnable_temperature", False)
         self.temperature = LearnableTemperature(*p.ctkd_range) if learnable else None
         self._reversal = 0.0  # CTKD's λ for the current epoch
+        self.kd_weight = p.kd_weight  # this epoch's soft-term weight (follows kd_weight_schedule when set)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         if self.temperature is not None:
             self._reversal = ctkd_lambda(epoch, self.params.ctkd_warmup_epochs)
+        schedule = getattr(self.params, "kd_weight_schedule", None)
+        if schedule is not None:
+            self.kd_weight = annealed(*schedule, epoch, epochs)
 
     @classmethod
     def search_space(cls) -> dict[str, SearchRange | OneMinus]:
@@ -92,5 +112,5 @@ class HintonKD(Method):
         temperature = self.temperature(self._reversal) if self.temperature is not None else p.temperature
         return {
             "ce": p.ce_weight * F.cross_entropy(student.logits.float(), targets),
-            "kd": p.kd_weight * kd_loss(*soft_inputs(student.logits, teacher.logits, p.standardize), temperature),
+            "kd": self.kd_weight * kd_loss(*soft_inputs(student.logits, teacher.logits, p.standardize), temperature),
         }

@@ -248,6 +248,32 @@ def test_hinton_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
     assert [t.run.seed for t in ensemble.teachers] == [1, 1001]
 
 
+def test_little_data_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
+    result = _reproduce("little_data", tiny_root, tmp_path / "little")
+    report = _check_report(result, "little_data", ("accuracy_vs_data.png",))
+    assert "## Best epochs" in report
+    budget = EXPERIMENTS["little_data"].budgets["smoke"]
+    plan = EXPERIMENTS["little_data"].plan(budget, 1, Env("cpu", str(tiny_root)))
+    assert plan["teacher"].seed == 0 and plan["teacher"].data.train_size == 160  # one teacher for all seeds
+    soft = plan["20 % of the data, soft targets"]
+    assert soft.data.train_size == 40 and soft.stages[0].method.ce_weight == 0.0
+    # best epoch: the test accuracy at the epoch of the highest validation accuracy, read from the run
+    records = [json.loads(line) for line in (_folder(soft, result.out) / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_accuracy" in r for r in records) and len(records) == 3
+    best = max(range(3), key=lambda k: (records[k]["val_accuracy"], -k))
+    assert result.values["20 % of the data, soft targets: best epoch"][1] == pytest.approx(
+        100 * records[best]["test_accuracy"])
+    assert result.values["20 % of the data, soft targets: last epoch"][1] == pytest.approx(
+        100 * records[-1]["test_accuracy"])
+
+
+def test_best_epoch_is_the_first_highest_validation_epoch() -> None:
+    from distillery.reproduce.little_data import best_and_last
+
+    history = [{"val_accuracy": v, "test_accuracy": t} for v, t in ((0.5, 0.4), (0.7, 0.6), (0.7, 0.9), (0.6, 0.5))]
+    assert best_and_last(history) == (pytest.approx(60.0), pytest.approx(50.0), 2)
+
+
 def test_fsp_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
     result = _reproduce("fsp", tiny_root, tmp_path / "fsp")
     report = _check_report(result, "fsp", ("accuracy_vs_iteration.png",))
@@ -293,7 +319,7 @@ def test_tfkd_end_to_end_and_resume(tiny_root: Path, tmp_path: Path, capsys: pyt
 def test_bad_reproduce_input_exits_2(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for args, message in (
         (["reproduce", "hintn"], "unknown experiment 'hintn'; choose one of hinton, fsp, tfkd"),
-        (["reproduce", "fsp", "--budget", "huge"], "has no budget 'huge'; choose one of quick, full"),
+        (["reproduce", "fsp", "--budget", "huge"], "has no budget 'huge'; choose one of quick, saturate, full"),
         (["reproduce", "fsp", "--seeds", "0"], "--seeds must be >= 1"),
         (["reproduce", "fsp", "--threads", "0"], "--threads must be >= 1"),
     ):

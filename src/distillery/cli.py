@@ -173,8 +173,9 @@ def _add_other_commands(sub: argparse._SubParsersAction) -> None:
                                    "reused, unfinished ones continued), then write report.md (mean ± std, paired 95 % "
                                    "intervals against the baselines, the paper's claims) and PNG plots into --out. "
                                    "See docs/reproduce.md.")
-    p.add_argument("experiment", metavar="EXPERIMENT", help="hinton (Hinton et al. 2015), fsp (Yim et al. 2017) or "
-                                                            "tfkd (Yuan et al. 2020)")
+    p.add_argument("experiment", metavar="EXPERIMENT", help="hinton (Hinton et al. 2015), fsp (Yim et al. 2017), "
+                                                            "tfkd (Yuan et al. 2020) or little_data (Hinton et al. "
+                                                            "2015, section 6: soft targets with little data)")
     p.add_argument("--budget", default="quick",
                    help="quick (default: small models and data subsets, about an hour or less on 2 CPU cores for 3 "
                         "seeds) or full (the same code at paper-like scale, for a GPU)")

@@ -194,8 +194,7 @@ class Trainer:
         self.stages = list(stages)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.seed, self.amp, self.label = seed, amp and self.device.type == "cuda", label
-        self.meta = dict(meta or {})
-        self.eval_batch_size = eval_batch_size
+        self.meta, self.eval_batch_size = dict(meta or {}), eval_batch_size
         self.echo = echo or (lambda line: tqdm.write(line, file=sys.stderr))
         if not self.dist.is_main:
             self.echo = lambda line: None

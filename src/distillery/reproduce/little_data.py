@@ -29,6 +29,7 @@ from distillery.reproduce.report import Claim, Row, plot_lines
 from distillery.reproduce.runs import DataSpec, ExperimentRunner, RunSpec, TeacherRef, run_spec, stage
 
 TRAIN_SPLIT = 60000  # Fashion-MNIST's training split: the fractions are of this
+ALL = "all the data, hard labels"  # the student on the whole training split less the validation slice
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def plan(budget: LittleDataBudget, seed: int, env: Env) -> dict[str, RunSpec]:
                        data(budget.split_size - budget.val_size, 0), 0, device=env.device)
     full = data(budget.split_size - budget.val_size, seed)
     runs = {"teacher": teacher,
-            "all": run_spec("student, all the data, hard labels", budget.student,
+            ALL: run_spec("student, all the data, hard labels", budget.student,
                             (stage("ce", {}, _train(budget, budget.full_epochs)),), full, seed, device=env.device)}
     soft = {"temperature": budget.temperature, "kd_weight": 1.0, "ce_weight": 0.0}
     for fraction, epochs in zip(budget.fractions, budget.epochs):
@@ -119,16 +120,15 @@ def measure(budget: LittleDataBudget, runs: dict[str, RunSpec], runner: Experime
     for name, spec in runs.items():
         if name == "teacher":
             continue
-        label = "all the data, hard labels" if name == "all" else name
         history = runner.train(spec).history
-        values[f"{label}: best epoch"], values[f"{label}: last epoch"], epochs[label] = best_and_last(history)
-        curves[label] = [(k + 1, 100 * r["val_accuracy"]) for k, r in enumerate(history)]
+        values[f"{name}: best epoch"], values[f"{name}: last epoch"], epochs[name] = best_and_last(history)
+        curves[name] = [(k + 1, 100 * r["val_accuracy"]) for k, r in enumerate(history)]
     return Measured(values, {"best_epoch": epochs, "val_curves": curves})
 
 
 def claims(budget: LittleDataBudget) -> list[Claim]:
     rows = [Claim("teacher", None, "reference: the teacher, trained on all the data"),
-            Claim("all the data, hard labels: best epoch", None, "speech, all the data, hard labels: 58.9 %")]
+            Claim(f"{ALL}: best epoch", None, "speech, all the data, hard labels: 58.9 %")]
     for fraction in budget.fractions:
         hard, soft = setting(fraction, "hard labels"), setting(fraction, "soft targets")
         paper = ("speech, 3 %: soft targets 57.0 % (no early stopping) vs hard labels 44.5 % (stopped early)"
@@ -171,7 +171,7 @@ def finish(budget: LittleDataBudget, measured: dict[int, Measured], rows: list[R
               for targets in ("hard labels", "soft targets") for when in ("best", "last")}
     plot = plot_lines(series, out / "accuracy_vs_data.png", "Soft targets vs hard labels with little data",
                       "share of the training split (%)", log_x=True,
-                      references={"all the data, hard labels": per["all the data, hard labels: best epoch"],
+                      references={ALL: per[f"{ALL}: best epoch"],
                                   "teacher": per["teacher"]})
     lines = [f"- {label}: " + ", ".join(str(measured[s].extras["best_epoch"][label]) for s in seeds)
              for label in measured[seeds[0]].extras["best_epoch"]]

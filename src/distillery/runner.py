@@ -213,13 +213,17 @@ class Runner:
         if spec.key in self._done:
             return self._done[spec.key]
         train_data, test_data = self.data.pair(spec.data)
+        # a validation slice beside the test split is evaluated every epoch (with validation_fraction it *is* the test)
+        has_slice = spec.data.val_size and not spec.data.validation_fraction
+        val_data = self.data.train_val(spec.data)[1] if has_slice else None
         teachers = [self.teacher_model(ref, train_data) for ref in spec.teachers]
         device = resolve_device(spec.device)  # bad input fails before any folder is touched
         seed_everything(spec.seed, spec.deterministic)
         model = build_model(spec.model, train_data, allow_code=self.allow_code)
         run_dir = self.folder(spec)
         with self._folder_lock(run_dir, spec):
-            history, action, cost = self._fit(spec, model, run_dir, device, teachers, train_data, test_data)
+            history, action, cost = self._fit(spec, model, run_dir, device, teachers, train_data, test_data,
+                                              val_data)
             model.eval()
             if distributed.current().is_main and action != "reuse":
                 atomic_write(run_dir / COST_NAME, json.dumps(cost, indent=1), what="cost report")
@@ -240,7 +244,8 @@ class Runner:
         return FolderLock(run_dir, f"training {spec.label}")
 
     def _fit(self, spec: RunSpec, model: nn.Module, run_dir: Path, device: torch.device, teachers: list[nn.Module],
-             train_data: ImageDataset, test_data: ImageDataset) -> tuple[list[EpochRecord], str, dict]:
+             train_data: ImageDataset, test_data: ImageDataset, val_data: ImageDataset | None,
+             ) -> tuple[list[EpochRecord], str, dict]:
         # Distributed: rank 0 alone inspects (and may move aside) the folder; every rank gets its decision.
         action = distributed.current().on_main(
             lambda: prepare_run_dir(run_dir, spec.key, resume=self.resume, overwrite=self.overwrite))
@@ -252,7 +257,7 @@ class Runner:
             device=device, seed=spec.seed, amp=spec.amp, eval_batch_size=spec.eval_batch_size, label=spec.label,
             progress=self.progress, sync_batchnorm=spec.sync_batchnorm, snapshot_epochs=spec.snapshots,
             callbacks=[*self.callbacks, *self._loggers(spec, run_dir)],
-            val_data=None if spec.data.validation_fraction else self.data.train_val(spec.data)[1],
+            val_data=val_data,
             meta={"model": spec.model.model_dump(mode="json"), "fingerprint": spec.key, "format": SPEC_FORMAT,
                   "role": spec.label, "dataset": spec.data.name, "num_classes": train_data.num_classes},
         )

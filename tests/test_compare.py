@@ -76,6 +76,7 @@ def test_compare_over_three_seeds_writes_report_json_and_forest(tiny: list[str],
         assert contender["outcome"] == outcome(expected)
         assert all(0 <= s["agreement"] <= 1 and s["kl"] >= 0 for s in contender["seeds"])
     assert 0.3 < results["teacher_accuracy"] <= 1
+    assert results["teacher_time"]["runs"] == 6  # hinton and the tuned hinton call the teacher; smoothing does not
     assert (out / "forest.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "| teacher |" in report and "| label_smoothing |" in report and "![forest plot](forest.png)" in report

@@ -28,6 +28,7 @@ from distillery.teacher_store import (
     top_k_kl,
 )
 from distillery.train import Callback, Stage, StepEvent, Trainer
+from distillery.train.cost import teacher_time
 
 AUGMENT = {"crop_padding": 2, "hflip": True}
 STORE = StoreSettings(epochs=2, seed=5)
@@ -291,6 +292,14 @@ def test_the_cost_report_splits_the_run_and_estimates_the_store_speedup(tmp_path
     assert report["build_s"] > 0 and report["built_epochs"] == 2
     assert stored.cost["store_speedup"] == pytest.approx(
         (stored.cost["steps_s"] + report["estimated_saving_s"]) / stored.cost["steps_s"])
+    # summed over runs, as `tune` and `compare` report it: each kind of call, the build and the saving
+    spent = teacher_time([live.cost, alone.cost, None, stored.cost, stored.cost])
+    assert spent.runs == 3  # the run without a teacher and the one without a report are not counted
+    assert spent.live_s == pytest.approx(live.cost["teacher_calls"][0]["seconds"]) and spent.cached_s == 0
+    assert spent.stored_s == pytest.approx(2 * stored.cost["teacher_calls"][0]["seconds"])
+    assert spent.store_build_s == pytest.approx(2 * report["build_s"])
+    assert spent.saved_s == pytest.approx(2 * report["estimated_saving_s"])
+    assert "saved an estimated" in spent.describe() and teacher_time([live.cost]).saved_s is None
 
 
 def test_the_echo_says_what_is_stored_and_that_a_longer_stage_cycles(tmp_path):

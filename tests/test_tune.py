@@ -72,8 +72,12 @@ def test_tune_command_end_to_end_and_best_yaml_reproduces_the_best_trial(tiny: l
     assert best["validation_accuracy"] == max(t["validation_accuracy"] for t in results["trials"])
     assert results["confirmation"]["contenders"][0]["outcome"] in ("gain confirmed", "no reliable gain", "loss")
     assert len(results["confirmation"]["student_alone"]) == 3
+    # the teacher's cost over the trials: three cached-teacher runs (no augmentation), nothing stored
+    spent = results["teacher_time"]
+    assert spent["runs"] == 3 and spent["cached_s"] > 0 and spent["stored_s"] == 0 and spent["saved_s"] is None
     report = (folder / "report.md").read_text()
-    for words in ("## Search space", "## Trials", "## Confirmation on the test split", "![history](history.png)",
+    for words in ("## Search space", "## Trials", "Teacher time of the search over 3 distilled run(s)",
+                  "## Confirmation on the test split", "![history](history.png)",
                   "[best.yaml](best.yaml)"):
         assert words in report
     assert (folder / "history.png").read_bytes()[:4] == b"\x89PNG"

@@ -45,6 +45,7 @@ from distillery.spec import RunSpec, TeacherRef
 from distillery.stats import PairedDifference, format_diff, mean_std, paired_difference, verdict
 from distillery.teacher import Teacher
 from distillery.train import evaluate, resolve_device
+from distillery.train.cost import TeacherTime, teacher_time
 from distillery.train.loop import CHECKPOINT_NAME
 from distillery.tune.space import materialised
 
@@ -93,6 +94,7 @@ class Comparison:
     results: list[ContenderResult]
     warnings: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    teacher_time: TeacherTime = field(default_factory=TeacherTime)  # summed over the distilled runs
 
 
 def outcome(difference: PairedDifference) -> str:
@@ -246,6 +248,7 @@ def compare_contenders(baseline: RunConfig, contenders: Sequence[Contender], see
         warn(collapse_warning(f"student alone (seed {result.seed})", result.accuracy, chance))
     scored: dict[str, list[SeedResult]] = {c.label: [] for c in contenders}
     skipped: dict[str, str] = {}
+    costs: list[dict | None] = []
     for seed, alone_result in zip(seeds, alone):
         for contender in (c for c in contenders if c.label not in skipped):
             try:
@@ -257,11 +260,12 @@ def compare_contenders(baseline: RunConfig, contenders: Sequence[Contender], see
                 echo(f"compare: {contender.label} left out: {err}")
                 continue
             scored[contender.label].append(_score(trained, scorer, runner, baseline))
+            costs.append(trained.cost)
             warn(collapse_warning(f"{contender.label} (seed {seed})", trained.test_accuracy, chance))
             echo(f"compare: seed {seed}: {contender.label} {100 * trained.test_accuracy:.2f} %, student alone "
                  f"{100 * alone_result.accuracy:.2f} %")
     results = [_result(c, scored[c.label], alone) for c in contenders if c.label not in skipped]
-    return Comparison(list(seeds), accuracy, alone, results, warnings, list(skipped.items()))
+    return Comparison(list(seeds), accuracy, alone, results, warnings, list(skipped.items()), teacher_time(costs))
 
 
 def _result(contender: Contender, seeds: list[SeedResult], alone: Sequence[SeedResult]) -> ContenderResult:
@@ -352,6 +356,7 @@ def comparison_dict(comparison: Comparison) -> dict[str, Any]:
                                               "high": r.difference.high, "n": r.difference.n}}
                        for r in comparison.results],
         "warnings": comparison.warnings, "skipped": [list(s) for s in comparison.skipped],
+        "teacher_time": comparison.teacher_time.as_dict(),
     }
 
 
@@ -382,7 +387,8 @@ def _header(config: RunConfig, comparison: Comparison, seconds: float) -> list[s
             f"- Data: {data.dataset}, {data.train_subset or 'all'} training and {data.test_subset or 'all'} test "
             f"examples; seeds {', '.join(map(str, comparison.seeds))} (a seed fixes the data subset, the initial "
             "weights and the batch order of every run of that seed).",
-            f"- This invocation: {seconds / 60:.1f} min (finished runs are reused, unfinished ones continued)."]
+            f"- This invocation: {seconds / 60:.1f} min (finished runs are reused, unfinished ones continued).",
+            f"- Teacher time {comparison.teacher_time.describe()}."]
 
 
 def _reading_notes() -> list[str]:

@@ -24,7 +24,8 @@ seconds of look-ups, the live teacher would have cost ``n · s − t`` more, so
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -151,3 +152,54 @@ class TimedTeacher:
             return None
         per_example = report.teacher_forward_s / report.teacher_forward_examples
         return self.examples * per_example - self.seconds
+
+
+@dataclass(frozen=True)
+class TeacherTime:
+    """The teacher's cost summed over many runs (a search's trials, a comparison's runs), from their
+    cost reports (:meth:`CostClock.report`, a run's ``cost.json``).
+
+    - ``runs``: runs with a cost report that had a stage teacher;
+    - ``live_s`` / ``cached_s`` / ``stored_s``: seconds in the teacher's calls, by kind (forward
+      passes; look-ups in the teacher-output cache; look-ups in the teacher store);
+    - ``store_build_s``: seconds spent building teacher-store epochs (by whichever run built them);
+    - ``saved_s``: the stores' estimated saving, Σ (examples served · live seconds per example −
+      look-up seconds), over the stages whose store checks timed the live teacher (``None``: none did).
+      A cache look-up's saving is not estimated: the cache is never timed against the live teacher.
+    """
+
+    runs: int = 0
+    live_s: float = 0.0
+    cached_s: float = 0.0
+    stored_s: float = 0.0
+    store_build_s: float = 0.0
+    saved_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One sentence for a report."""
+        if not self.runs:
+            return "no run called a teacher"
+        saved = ("" if self.saved_s is None else
+                 f"; the store saved an estimated {self.saved_s:.1f} s of live teacher passes")
+        return (f"over {self.runs} distilled run(s): {self.live_s:.1f} s of live teacher passes, "
+                f"{self.cached_s:.1f} s of cache look-ups, {self.stored_s:.1f} s of store look-ups and "
+                f"{self.store_build_s:.1f} s building the store{saved}")
+
+
+def teacher_time(costs: Iterable[dict[str, Any] | None]) -> TeacherTime:
+    """Sum the teacher's share of the cost reports ``costs`` (``None``: a run without one, skipped)."""
+    runs, by_kind, build, saved = 0, dict.fromkeys(("live", "cached", "stored"), 0.0), 0.0, None
+    for cost in costs:
+        if not cost or not cost.get("teacher_calls"):
+            continue
+        runs += 1
+        for call in cost["teacher_calls"]:
+            by_kind[call["kind"]] += call["seconds"]
+        for store in cost.get("stores", []):
+            build += store.get("build_s", 0.0)
+            if store.get("estimated_saving_s") is not None:
+                saved = (saved or 0.0) + store["estimated_saving_s"]
+    return TeacherTime(runs, by_kind["live"], by_kind["cached"], by_kind["stored"], build, saved)

@@ -108,7 +108,9 @@ class Objective:
         run_dir = runner.folder(spec)
         trial.set_user_attr("run_dir", str(run_dir))
         try:
-            return runner.train(spec).test_accuracy
+            trained = runner.train(spec)
+            trial.set_user_attr("cost", trained.cost)  # the teacher's share is summed in the report
+            return trained.test_accuracy
         except optuna.TrialPruned:
             _discard(run_dir)
             raise

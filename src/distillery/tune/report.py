@@ -32,6 +32,7 @@ from distillery.fsio import atomic_write
 from distillery.recipe import RunConfig  # noqa: E402
 from distillery.report.plots import save_figure  # noqa: E402
 from distillery.stats import format_diff  # noqa: E402
+from distillery.train.cost import TeacherTime, teacher_time  # noqa: E402
 from distillery.tune.objective import Reference  # noqa: E402
 from distillery.tune.space import SearchSpace  # noqa: E402
 from distillery.tune.study import StudyPlan  # noqa: E402
@@ -144,12 +145,13 @@ def write_tune_report(folder: Path, config: RunConfig, space: SearchSpace, study
                       seconds: float) -> Path:
     """report.md and results.json in ``folder`` (plots beside them)."""
     rows = trial_rows(study, space, reference.alone)
+    spent = trials_teacher_time(study)
     importances = parameter_importances(study)
     plots = [plot_history(rows, reference.alone, folder / "history.png")]
     if isinstance(importances, dict) and importances:
         plots.append(plot_importances(importances, folder / "importances.png"))
     parts = [f"# {config.name}: tuning {' → '.join(s.method.name for s in config.distill.stages)}\n",
-             *_header(config, plan, reference, rows, seconds), "",
+             *_header(config, plan, reference, rows, seconds, spent), "",
              "## Search space\n", "| parameter | searched |", "|---|---|",
              *[f"| {name} | {what} |" for name, what in space.describe()], "",
              "## Trials\n", _trials_note(space, reference), trials_table(rows, space),
@@ -167,12 +169,19 @@ def write_tune_report(folder: Path, config: RunConfig, space: SearchSpace, study
         "reference": {"teacher": reference.teacher, "alone": reference.alone, "warnings": list(reference.warnings)},
         "best": {"trial": best.number, "validation_accuracy": best.value, "values": best.params},
         "importances": importances, "confirmation": None if comparison is None else comparison_dict(comparison),
+        "teacher_time": spent.as_dict(),
         "seconds": seconds}, indent=2))
     return report
 
 
+def trials_teacher_time(study: optuna.Study) -> TeacherTime:
+    """The teacher's cost summed over the completed trials (each keeps its run's cost report)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return teacher_time(trial.user_attrs.get("cost") for trial in done)
+
+
 def _header(config: RunConfig, plan: StudyPlan, reference: Reference, rows: Sequence[dict[str, Any]],
-            seconds: float) -> list[str]:
+            seconds: float, spent: TeacherTime) -> list[str]:
     tune = plan.tune
     done = sum(r["state"] == "done" for r in rows)
     teacher = "" if reference.teacher is None else f"teacher {100 * reference.teacher:.2f} %, "
@@ -184,7 +193,8 @@ def _header(config: RunConfig, plan: StudyPlan, reference: Reference, rows: Sequ
              f"TPE sampler, seed {tune.seed}, {tune.startup_trials} random trials first; pruner {tune.pruner.name}. "
              f"Study {plan.name!r} in {plan.url}.",
              f"- On the validation split: {teacher}student alone {100 * reference.alone:.2f} %.",
-             f"- This invocation: {seconds / 60:.1f} min."]
+             f"- This invocation: {seconds / 60:.1f} min.",
+             f"- Teacher time of the search {spent.describe()}."]
     lines += [f"- **Warning:** {w}" for w in reference.warnings]
     return lines
 

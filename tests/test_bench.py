@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from tiny_idx import write_tiny_fmnist
 
 from distillery.bench import CONTROL, Result, format_table, target_checks
+from distillery.bench.tune_row import TuneTiming, time_tune, tune_markdown
 
 WORKLOAD = "mlp1200²→mlp800²"
 
@@ -124,8 +130,32 @@ def test_targets_are_per_workload() -> None:
 
 
 def test_the_table_says_which_rows_were_not_run() -> None:
-    table = format_table([result("ce alone", [0.01] * 4)], dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), 4, 1)
-    assert "Not run: a 20-trial `tune` with augmentation" in table
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    table = format_table([result("ce alone", [0.01] * 4)], started, 4, 1)
+    assert "Not run: a 20-trial `tune` with augmentation: skipped (--no-tune)" in table
+    timing = TuneTiming(20, 2560, 100.0, (4.0, 4.5), 3.0, 0.1)
+    table = format_table([result("ce alone", [0.01] * 4)], started, 4, 1, tune_markdown(timing.as_dict()))
+    assert "Not run" not in table and "| tune wall ≤ 1.15 × (20 × alone) + store build | 100.0 |" in table
+
+
+def test_the_tune_row_is_judged_on_the_range_its_student_alone_runs_span() -> None:
+    """factor = search wall / (trials × alone + build), from the slowest and the fastest student-alone run."""
+    timing = TuneTiming(trials=20, train_examples=2560, tune_s=100.0, alone_s=(4.0, 4.5, 4.2), store_build_s=3.0,
+                        teacher_lookup_s=0.1)
+    assert timing.ratios() == pytest.approx((100 / 93, 100 / 83))
+    assert timing.verdict() == "within noise"  # 1.075 clears 1.15, 1.205 does not
+    assert TuneTiming(20, 2560, 90.0, (4.0, 4.5), 3.0, 0.1).verdict() == "met"  # 1.084 at most
+    assert TuneTiming(20, 2560, 120.0, (4.0, 4.5), 3.0, 0.1).verdict() == "NOT MET"  # 1.290 at least
+    assert timing.limit_s(4.0) == pytest.approx(1.15 * 80 + 3)
+
+
+def test_the_tune_row_times_a_real_search_with_the_store_against_the_student_alone(tmp_path: Path) -> None:
+    root = write_tiny_fmnist(tmp_path / "data", n_train=160, n_test=256)
+    timing = time_tune(tmp_path / "work", str(root), trials=2, train_examples=160, echo=lambda line: None)
+    assert timing.trials == 2 and len(timing.alone_s) == 4 and all(a > 0 for a in timing.alone_s)
+    assert timing.store_build_s > 0 and timing.tune_s > 0  # the first trial built the store the second read
+    study = json.loads((tmp_path / "work" / "bench-tune" / "tune-hinton" / "results.json").read_text())
+    assert study["teacher_time"]["runs"] == 2 and study["teacher_time"]["live_s"] == 0
 
 
 def test_clocked_steps_time_a_trainer_through_its_callbacks_with_the_teacher_share_of_each_step() -> None:

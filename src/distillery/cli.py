@@ -156,12 +156,15 @@ def _add_other_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="measure what distillation costs over training the student alone",
                        description="Time student CE alone, a hand-written KD loop, our KD (teacher on the fly "
-                                   "and cached), FSP stage 1 (on the fly and stored) and evaluation on a fixed "
-                                   "Fashion-MNIST workload; print one table and write it as markdown + JSON.")
+                                   "and cached), FSP stage 1 (on the fly and stored), augmented KD on the teacher "
+                                   "store and evaluation on a fixed Fashion-MNIST workload, and a 20-trial tune "
+                                   "with augmentation against the student alone; print one table and write it as "
+                                   "markdown + JSON.")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="timed steps per row, in rounds of 5 after a warm-up round (default 60: 12 paired rounds; "
                         "--quick: 5)")
-    p.add_argument("--quick", action="store_true", help="a fast smoke run (5 steps per row)")
+    p.add_argument("--quick", action="store_true", help="a fast smoke run (5 steps per row, a 3-trial tune)")
+    p.add_argument("--no-tune", action="store_true", help="leave out the wall-clock tune row (about 2 min)")
     p.add_argument("--output", default="runs/bench", metavar="DIR",
                    help="folder for bench-<date>.md and .json (default runs/bench)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="folder with the Fashion-MNIST idx files")
@@ -283,11 +286,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from distillery.bench import run_bench
+    from distillery.bench.tune_row import TRIALS
 
     steps = args.steps if args.steps is not None else (5 if args.quick else 60)
     if steps < 1 or (args.threads is not None and args.threads < 1):
         raise ConfigError(f"--steps and --threads must be >= 1, got {steps} and {args.threads}")
-    _, markdown, path = run_bench(steps, args.output, args.data_root, args.threads,
+    tune_trials = None if args.no_tune else 3 if args.quick else TRIALS
+    _, markdown, path = run_bench(steps, args.output, args.data_root, args.threads, tune_trials=tune_trials,
                                   echo=lambda line: print(line, file=sys.stderr))
     print(markdown)
     print(f"written: {path} and {path.with_suffix('.json')}")

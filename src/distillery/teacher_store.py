@@ -26,10 +26,11 @@ the method is served the logits ``T · log p̃`` of that distribution, whose sof
 price is measured on every check sample: ``KL(p ‖ p̃) = Σ_tail p_i log(p_i (K − k) / r)``, which
 is at most ``r · log(K − k)`` (the tail's entropy deficit against the uniform), plus float16 rounding.
 
-Each epoch the store checks itself (:meth:`StoredTeacher.set_epoch`): one batch of randomly chosen
-entries of the stored epoch is recomputed by the live teacher on the same views, and a difference
-beyond :data:`CHECK_TOLERANCE` stops the run with :class:`StoreMismatchError` naming the entry and
-example (another teacher, another augmentation, or corrupt values under a valid checksum).
+Each epoch the store checks itself (:meth:`StoredTeacher.set_epoch`): :data:`CHECK_EXAMPLES` randomly
+chosen entries of the stored epoch (at most one batch) are recomputed by the live teacher on the
+same views, and a difference beyond :data:`CHECK_TOLERANCE` stops the run with
+:class:`StoreMismatchError` naming the entry and example (another teacher, another augmentation,
+or corrupt values under a valid checksum).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ CHECK_TOLERANCE = 1e-2
 """Largest difference allowed between a stored and a recomputed output, relative to the live row's
 largest magnitude (at least 1): float16 rounds at 5·10⁻⁴ and other batch compositions or kernels
 (TF32 convolutions on CUDA) differ by about 10⁻³, while another teacher or view differs by far more."""
+CHECK_EXAMPLES = 32
+"""Entries each epoch's check recomputes: a store from another teacher or augmentation differs on
+nearly every entry, so a few dozen find it, while the live passes stay a small share of a short
+epoch (a whole batch each epoch was a visible share of a tune trial's time: see distillery bench)."""
 TAIL_FLOOR = 1e-12
 """Smallest probability given to a class outside the top k (keeps ``T · log p̃`` finite)."""
 STORE_DTYPES = ("float32", "float16")
@@ -314,7 +319,7 @@ class StoredTeacher:
         self.format = fmt
         self.epochs = list(epochs)
         self.report = report
-        self.check_examples = views.batch_size if check_examples is None else check_examples
+        self.check_examples = min(CHECK_EXAMPLES, views.batch_size) if check_examples is None else check_examples
         self.check_seed = check_seed
         self._current: Tensor | None = None
 
@@ -371,7 +376,7 @@ class StoredTeacher:
 
     @torch.no_grad()
     def check(self, epoch: int) -> None:
-        """Recompute one batch of randomly chosen entries of stored epoch ``epoch mod E`` with the live
+        """Recompute ``check_examples`` randomly chosen entries of stored epoch ``epoch mod E`` with the live
         teacher on the same views; raise :class:`StoreMismatchError` naming the first entry beyond tolerance."""
         start = time.perf_counter()
         count = len(self.views.dataset)

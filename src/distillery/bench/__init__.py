@@ -21,6 +21,10 @@ limit of distillation). Rows (:mod:`distillery.bench.rows`):
     ce alone (again)      the first row once more: an A/A control, whose ratio to the first row
                           shows how far two identical rows disagree in this run
 
+and one wall-clock row (:mod:`distillery.bench.tune_row`): a 20-trial ``distillery tune`` with
+augmentation reading the teacher store, against the same student trained alone (target: the
+search's wall ≤ 1.15 × 20 student-alone runs + the store's build time).
+
 Speed: one subprocess per workload sets up all its rows, each running in its own thread for a
 warm-up epoch and then the timed epochs of :data:`CHUNK` steps, and lets them take one step at a
 time in turn (:class:`TurnTaking`, back and forth along :data:`RUN_ORDER`, where each target's two

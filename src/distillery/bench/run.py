@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,17 @@ from pathlib import Path
 import torch
 
 from distillery.bench.rows import AUGMENT, PAIRS, ROWS, STORE, memory_of_row, rows_for, speed_of_rows
-from distillery.bench.targets import BATCH, CHUNK, EVAL_BATCH, Result, format_table, skipped_rows, target_checks
+from distillery.bench.targets import (
+    BATCH,
+    CHUNK,
+    EVAL_BATCH,
+    RESNET,
+    Result,
+    format_table,
+    skipped_rows,
+    target_checks,
+)
+from distillery.bench.tune_row import TRIALS, time_tune, tune_markdown
 from distillery.fsio import atomic_write
 
 
@@ -91,11 +102,13 @@ def _measure(workdir: Path, epochs: int, threads: int, echo: Callable[[str], Non
 
 
 def run_bench(steps: int = 60, output: str | Path = "runs/bench", data_root: str | None = None,
-              threads: int | None = None, echo: Callable[[str], None] = print) -> tuple[list[Result], str, Path]:
+              threads: int | None = None, echo: Callable[[str], None] = print,
+              tune_trials: int | None = TRIALS) -> tuple[list[Result], str, Path]:
     """Run every row, print and write the table; returns the results, the markdown and its path.
 
     ``steps``: timed steps per row (rounded up to whole epochs of :data:`CHUNK`). ``threads``:
-    torch threads in each row (default: torch's default, one per core).
+    torch threads in each row (default: torch's default, one per core). ``tune_trials``: trials of
+    the wall-clock ``tune`` row (:mod:`distillery.bench.tune_row`; None leaves it out).
     """
     threads = threads or torch.get_num_threads()
     epochs = max(1, -(-steps // CHUNK))
@@ -105,8 +118,14 @@ def run_bench(steps: int = 60, output: str | Path = "runs/bench", data_root: str
              "warm-up epoch ...")
         _prepare(Path(tmp), data_root, echo)
         results = _measure(Path(tmp), epochs, threads, echo)
+        tune = None
+        if tune_trials is not None and importlib.util.find_spec("optuna") is not None:
+            root = ["--data-root", data_root] if data_root else []
+            tune = _spawn(Path(tmp), ["--tune", "--workload", RESNET, "--trials", str(tune_trials), *root], threads)
+            echo(f"  tune: {tune['trials']} trials in {tune['tune_s']:.1f} s, factor "
+                 f"[{tune['ratios'][0]:.3f}, {tune['ratios'][1]:.3f}]: {tune['verdict']}")
     steps = epochs * CHUNK
-    markdown = format_table(results, started, steps, threads)
+    markdown = format_table(results, started, steps, threads, () if tune is None else tune_markdown(tune))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench-{started.strftime('%Y%m%d-%H%M%S')}"
@@ -118,8 +137,8 @@ def run_bench(steps: int = 60, output: str | Path = "runs/bench", data_root: str
         "timing": "images/s = batch / lower-quartile step time; rows take turns step by step in one process; "
                   "targets judged on the median of paired step-time ratios with a 95 % order-statistic interval; "
                   "teacher seconds per step from the Trainer's cost clock",
-        "augment": AUGMENT, "store_epochs": STORE.epochs, "not_run": skipped_rows(),
-        "results": [asdict(r) for r in results],
+        "augment": AUGMENT, "store_epochs": STORE.epochs, "not_run": skipped_rows(tune is not None),
+        "results": [asdict(r) for r in results], "tune": tune,
         "targets": target_checks(results),
     }, indent=2))
     return results, markdown, stem.with_suffix(".md")
@@ -131,16 +150,23 @@ def child_main(argv: Sequence[str]) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--speed", action="store_true", help="time every row of the workload, interleaved")
     mode.add_argument("--memory", action="store_true", help="peak-memory rise of one row")
+    mode.add_argument("--tune", action="store_true", help="the wall-clock tune row (distillery.bench.tune_row)")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--workload", required=True, choices=list(PAIRS))
     parser.add_argument("--row", choices=ROWS)
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs per row (after a warm-up epoch)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--trials", type=int, default=TRIALS, help="trials of the tune row")
+    parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
-    if args.speed:
+    if args.tune:
+        to_stderr = lambda line: print(line, file=sys.stderr)  # noqa: E731 (stdout carries the JSON)
+        timing = time_tune(workdir / "tune", args.data_root, args.trials, echo=to_stderr)
+        print(json.dumps(timing.as_dict()))
+    elif args.speed:
         print(json.dumps(speed_of_rows(workdir, args.workload, args.epochs)))
     else:
         print(json.dumps(memory_of_row(workdir, args.workload, args.row)))

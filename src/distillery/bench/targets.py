@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -124,14 +125,18 @@ def target_checks(results: list[Result]) -> list[dict[str, object]]:
     return checks
 
 
-def skipped_rows() -> list[str]:
+def skipped_rows(tune_ran: bool) -> list[str]:
     """Rows of the issue left out of this run, and why."""
-    if importlib.util.find_spec("distillery.tune") is None:
-        return ["a 20-trial `tune` with augmentation: skipped, distillery.tune is not in this version"]
-    return ["a 20-trial `tune` with augmentation: not yet a row of this benchmark"]
+    if tune_ran:
+        return []
+    if importlib.util.find_spec("optuna") is None:
+        return ["a 20-trial `tune` with augmentation: skipped, optuna is not installed"]
+    return ["a 20-trial `tune` with augmentation: skipped (--no-tune)"]
 
 
-def format_table(results: list[Result], started: dt.datetime, steps: int, threads: int) -> str:
+def format_table(results: list[Result], started: dt.datetime, steps: int, threads: int,
+                 tune_lines: Sequence[str] = ()) -> str:
+    """The run's markdown: every row, the paired targets, then ``tune_lines`` (the wall-clock row)."""
     lines = [
         f"# distillery bench — {started.strftime('%Y-%m-%d %H:%M UTC')}",
         "",
@@ -167,5 +172,6 @@ def format_table(results: list[Result], started: dt.datetime, steps: int, thread
         paired = f"{c['paired']:.3f} [{c['low']:.3f}, {c['high']:.3f}]" if "paired" in c else "—"
         lines.append(f"| {c['workload']} | {target} | {paired} | {c.get('verdict', '—')} | {c['ratio']:.3f} | "
                      f"{c['cpu_ratio']:.3f} |")
-    lines += ["", *(f"Not run: {line}." for line in skipped_rows())]
+    lines += ["", *tune_lines] if tune_lines else []
+    lines += ["", *(f"Not run: {line}." for line in skipped_rows(bool(tune_lines)))]
     return "\n".join(lines) + "\n"

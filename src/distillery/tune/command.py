@@ -80,7 +80,7 @@ def run_tune(config: RunConfig, tune: TuneConfig, *, workers: int = 1, overwrite
     requeue_interrupted(study)
     echo(f"tune: {len(finished_trials(study))} of {tune.n_trials} trials done; searching "
          f"{', '.join(d.name for d in space.dimensions)}; study in {plan.url}")
-    search_in_processes(objective, plan, workers, echo)
+    search_in_processes(objective, plan, workers, echo, study)
     best = best_trial(study)
     values = space.complete(best.params)
     best_config = tuned_recipe(objective, values, config.name)

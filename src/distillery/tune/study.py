@@ -124,9 +124,11 @@ class Progress:
                   f"{best_text}")
 
 
-def search(objective: Objective, plan: StudyPlan, worker: int = 0, echo: Callable[[str], None] = print) -> None:
-    """Run trials in this process until the study holds ``n_trials`` finished ones (with other workers)."""
-    study = open_study(plan, worker)
+def search(objective: Objective, plan: StudyPlan, worker: int = 0, echo: Callable[[str], None] = print,
+           study: optuna.Study | None = None) -> None:
+    """Run trials in this process until the study holds ``n_trials`` finished ones (with other workers).
+    ``study``: the plan's study already opened by this process (opening one costs about a second)."""
+    study = study if study is not None else open_study(plan, worker)
     remaining = plan.tune.n_trials - len(finished_trials(study))
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, callbacks=[
@@ -140,12 +142,12 @@ def _worker(objective: Objective, plan: StudyPlan, worker: int, threads: int) ->
 
 
 def search_in_processes(objective: Objective, plan: StudyPlan, workers: int,
-                        echo: Callable[[str], None] = print) -> None:
-    """:func:`search` here (one worker), or in ``workers`` processes sharing the study's storage,
-    each with its share of this process's torch threads. The study may end a few trials over
-    ``n_trials``: workers already running a trial finish it."""
+                        echo: Callable[[str], None] = print, study: optuna.Study | None = None) -> None:
+    """:func:`search` here (one worker, on ``study`` if this process opened it), or in ``workers``
+    processes sharing the study's storage, each with its share of this process's torch threads. The
+    study may end a few trials over ``n_trials``: workers already running a trial finish it."""
     if workers == 1:
-        search(objective, plan, 0, echo)
+        search(objective, plan, 0, echo, study)
         return
     context = multiprocessing.get_context("spawn")
     threads = max(1, torch.get_num_threads() // workers)

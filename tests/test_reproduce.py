@@ -288,6 +288,14 @@ def test_fsp_end_to_end(tiny_root: Path, tmp_path: Path) -> None:
     assert len(curves["teacher (trained alone)"]) == 3
 
 
+def test_the_plan_counts_the_experiments_seeds_not_its_runs(tiny_root: Path, tmp_path: Path) -> None:
+    # fsp's shuffled teachers train with seeds of their own (seed + 1000 × member); they are not extra seeds.
+    lines: list[str] = []
+    run_experiment(EXPERIMENTS["fsp"], "smoke", 2, tmp_path, env=Env("cpu", str(tiny_root)), dry_run=True,
+                   progress=False, echo=lines.append)
+    assert "budget smoke, 2 seed(s):" in lines[0]
+
+
 def test_tfkd_end_to_end_and_resume(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "tfkd"
     args = ["reproduce", "tfkd", "--budget", "smoke", "--seeds", "2", "--out", str(out), "--data-root",

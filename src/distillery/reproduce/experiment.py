@@ -109,7 +109,7 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
     out = Path(out)
     seed_list = list(range(seeds))
     plans, specs = plan_runs(experiment, budget, seed_list, env)
-    estimates, total = _announce(experiment, budget, budget_name, specs, out, echo)
+    estimates, total = _announce(experiment, budget, budget_name, len(seed_list), specs, out, echo)
     result = ExperimentResult(out, specs, total, {"trained": 0, "reused": 0})
     if dry_run:
         echo(plan_table(specs, out, estimates))
@@ -157,15 +157,17 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
     return result
 
 
-def _announce(experiment: Experiment, budget: Any, budget_name: str, specs: list[RunSpec], out: Path,
+def _announce(experiment: Experiment, budget: Any, budget_name: str, seeds: int, specs: list[RunSpec], out: Path,
               echo: Callable[[str], None]) -> tuple[dict[str, float | None], float | None]:
-    """Print the plan's size and estimated minutes; return each run's estimate and their total."""
+    """Print the plan's size and estimated minutes; return each run's estimate and their total.
+
+    ``seeds`` is the experiment's seed count: runs' own seeds are not, since an ensemble member trains
+    with a seed of its own (fsp's shuffled teachers use seed + 1000 × member)."""
     estimates = {s.key: estimate_seconds(s, s.data.train_size or 60000, s.data.test_size or 10000, budget.pixels)
                  for s in specs}
     todo = [s for s in specs if run_status(s, out) != "done"]
     total = None if any(estimates[s.key] is None for s in specs) else sum(estimates[s.key] for s in specs)
     remaining = None if any(estimates[s.key] is None for s in todo) else sum(estimates[s.key] for s in todo)
-    seeds = len({s.seed for s in specs})
     echo(f"{experiment.title} — budget {budget_name}, {seeds} seed(s): {len(specs)} runs "
          f"({len(specs) - len(todo)} already done). Estimated {format_minutes(remaining)} min to go "
          f"({format_minutes(total)} min for all runs; one CPU thread, from measured per-image costs; "

@@ -327,7 +327,7 @@ def test_tfkd_end_to_end_and_resume(tiny_root: Path, tmp_path: Path, capsys: pyt
 def test_bad_reproduce_input_exits_2(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for args, message in (
         (["reproduce", "hintn"], "unknown experiment 'hintn'; choose one of hinton, fsp, tfkd"),
-        (["reproduce", "fsp", "--budget", "huge"], "has no budget 'huge'; choose one of quick, saturate, full"),
+        (["reproduce", "fsp", "--budget", "huge"], "has no budget 'huge'; choose one of quick, full"),
         (["reproduce", "fsp", "--seeds", "0"], "--seeds must be >= 1"),
         (["reproduce", "fsp", "--threads", "0"], "--threads must be >= 1"),
     ):

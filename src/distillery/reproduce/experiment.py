@@ -109,7 +109,7 @@ def run_experiment(experiment: Experiment, budget_name: str, seeds: int, out: st
     out = Path(out)
     seed_list = list(range(seeds))
     plans, specs = plan_runs(experiment, budget, seed_list, env)
-    estimates, total = _announce(experiment, budget, budget_name, len(seed_list), specs, out, echo)
+    estimates, total = _announce(experiment, budget, budget_name, seeds, specs, out, echo)
     result = ExperimentResult(out, specs, total, {"trained": 0, "reused": 0})
     if dry_run:
         echo(plan_table(specs, out, estimates))

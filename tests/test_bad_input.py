@@ -284,3 +284,27 @@ def test_fsp_layers_whose_channels_differ(workspace, tmp_path, capsys):
     assert code == EXIT_BAD_INPUT, output
     assert "student layer 'stage1' has 4 channels but teacher layer 'stage1' has 8" in output
     assert _snapshot(ws) == before
+
+
+def test_a_warning_is_one_plain_line_unless_debug(monkeypatch, capsys) -> None:
+    """A warning during a command reads ``warning: <message>``, not Python's file:line and source
+    line; --debug leaves it to Python's machinery, and the display is restored after the command."""
+    import warnings
+
+    from distillery import cli
+    from distillery.train.sanity import TrainingWarning
+
+    def warns(args) -> int:
+        warnings.warn("the loss has not fallen", TrainingWarning, stacklevel=1)
+        return 0
+
+    before = warnings.showwarning
+    monkeypatch.setitem(cli.COMMANDS, "tune", warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["tune"]) == 0
+    assert capsys.readouterr().err == "warning: the loss has not fallen\n"
+    with pytest.warns(TrainingWarning, match="has not fallen"):  # Python's machinery, which pytest records
+        assert main(["tune", "--debug"]) == 0
+    assert capsys.readouterr().err == ""
+    assert warnings.showwarning is before

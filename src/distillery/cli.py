@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from distillery.config import ConfigError
 from distillery.recipe import RunConfig, load_config, method_default_stages
@@ -198,8 +200,12 @@ def _add_other_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores Python's own display when the command returns
+            if not debug:
+                warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -207,7 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Exception as err:
-        return _report_error(err, getattr(args, "debug", False))
+        return _report_error(err, debug)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """One line, ``warning: <message>``, instead of Python's ``file:line: Category`` and the source
+    line that raised it (``--debug`` keeps Python's form)."""
+    print(f"{_rank_prefix()}warning: {message}", file=file or sys.stderr)
 
 
 def _report_error(err: Exception, debug: bool) -> int:

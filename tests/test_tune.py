@@ -45,7 +45,7 @@ def test_the_search_reads_no_test_example_reuses_the_teacher_and_continues_to_it
     first = run_tune(*load_tune_recipe(None, [*args, "tune.n_trials=2"]), data=store, **QUIET)
     assert store.reads["test"] == 0 and store.reads["train"] > 0
     first_params = [t.params for t in first.study.trials]
-    assert len(first_params) == 2 and first.comparison is None
+    assert len(first_params) == 2 and first.confirmation is None
     # Every trial distilled from the same teacher outputs, computed once on the trials' training part.
     assert len([p for p in (tmp_path / "runs" / "cache").iterdir() if p.is_dir()]) == 1
     assert first.reference.teacher is not None and 0 < first.reference.alone <= 1
@@ -72,12 +72,23 @@ def test_tune_command_end_to_end_and_best_yaml_reproduces_the_best_trial(tiny: l
     assert best["validation_accuracy"] == max(t["validation_accuracy"] for t in results["trials"])
     assert results["confirmation"]["contenders"][0]["outcome"] in ("gain confirmed", "no reliable gain", "loss")
     assert len(results["confirmation"]["student_alone"]) == 3
+    # The search set the lr, so the student alone is confirmed a second time with the recipe's own:
+    # the best recipe's runs are reused (same accuracies), the student alone's differ, and the
+    # verdict is the weaker of the two outcomes.
+    recipe_settings = results["confirmation_recipe_settings"]
+    assert recipe_settings["contenders"][0]["seeds"] == results["confirmation"]["contenders"][0]["seeds"]
+    assert recipe_settings["student_alone"] != results["confirmation"]["student_alone"]
+    outcomes = [results["confirmation"]["contenders"][0]["outcome"], recipe_settings["contenders"][0]["outcome"]]
+    rank = ["loss", "no reliable gain", "gain confirmed"]
+    assert results["verdict"] == min(outcomes, key=rank.index)
+    assert f"verdict: {results['verdict']}" in printed
     # the teacher's cost over the trials: three cached-teacher runs (no augmentation), nothing stored
     spent = results["teacher_time"]
     assert spent["runs"] == 3 and spent["cached_s"] > 0 and spent["stored_s"] == 0 and spent["saved_s"] is None
     report = (folder / "report.md").read_text()
     for words in ("## Search space", "## Trials", "Teacher time of the search over 3 distilled run(s)",
-                  "## Confirmation on the test split", "![history](history.png)",
+                  "## Confirmation on the test split", "with the recipe's own training settings",
+                  f"**Verdict: {results['verdict']}** (the weaker of the two)", "![history](history.png)",
                   "[best.yaml](best.yaml)"):
         assert words in report
     assert (folder / "history.png").read_bytes()[:4] == b"\x89PNG"

@@ -418,10 +418,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 1
     values = [f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in result.best_values.items()]
     print(f"best: {', '.join(values)}")
-    if result.comparison is not None:
-        confirmed = result.comparison.results[0]
-        print(f"confirmed on the test split over {len(result.comparison.seeds)} seeds: best minus alone "
-              f"{confirmed.difference.mean:+.2f} points: {confirmed.outcome}")
+    if result.confirmation is not None:
+        for comparison, settings in zip(result.confirmation.comparisons, ("best's", "recipe's"), strict=False):
+            confirmed = comparison.results[0]
+            print(f"confirmed on the test split over {len(comparison.seeds)} seeds: best minus alone (with the "
+                  f"{settings} training settings) {confirmed.difference.mean:+.2f} points: {confirmed.outcome}")
+        print(f"verdict: {result.confirmation.verdict}")
     print(f"recipe: {result.best_yaml}\nreport: {result.report}")
     return 0
 

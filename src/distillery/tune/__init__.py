@@ -4,6 +4,8 @@
 - :mod:`~distillery.tune.objective`: one trial, trained on the training subset less a stratified
   validation part and scored (and stopped early) on that part;
 - :mod:`~distillery.tune.study`: the Optuna study: storage, workers, progress;
+- :mod:`~distillery.tune.confirmation`: the best recipe against the student alone on the test
+  split, with the best trial's training settings and with the recipe's own;
 - :mod:`~distillery.tune.report`: report.md, the plots and best.yaml;
 - :mod:`~distillery.tune.command`: the command, :func:`~distillery.tune.command.run_tune`: the
   teacher, the search, best.yaml and its confirmation on the test split.

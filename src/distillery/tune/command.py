@@ -11,7 +11,9 @@
 4. writes best.yaml, the recipe of the best trial, which ``distillery distill --config`` runs as is;
 5. confirms: the best recipe and the student alone (with the distilled student's last-stage
    training settings) are trained with ``confirm_seeds`` seeds on the full training split and
-   scored on the test split (:func:`distillery.compare.compare_contenders`);
+   scored on the test split (:func:`distillery.compare.compare_contenders`); when the search also
+   set training settings (the learning rate), the student alone with the recipe's own settings too,
+   and the verdict is the weaker of the two (:class:`Confirmation`);
 6. writes report.md and results.json (:mod:`distillery.tune.report`).
 """
 
@@ -24,10 +26,11 @@ from pathlib import Path
 
 import optuna
 
-from distillery.compare import Comparison, Contender, compare_contenders, pin_teacher
+from distillery.compare import pin_teacher
 from distillery.config import ConfigError, TuneConfig, Value, fingerprint
 from distillery.recipe import RunConfig, recipe_runs
 from distillery.runner import DataStore, Runner, default_folder
+from distillery.tune.confirmation import Confirmation, confirm
 from distillery.tune.objective import Objective, Reference, measure_reference
 from distillery.tune.report import write_best_yaml, write_tune_report
 from distillery.tune.space import check_space, materialised, resolve_space, tune_folder
@@ -51,7 +54,7 @@ class TuneResult:
     best_config: RunConfig
     best_yaml: Path
     reference: Reference
-    comparison: Comparison | None
+    confirmation: Confirmation | None
     report: Path
 
 
@@ -85,10 +88,10 @@ def run_tune(config: RunConfig, tune: TuneConfig, *, workers: int = 1, overwrite
     values = space.complete(best.params)
     best_config = tuned_recipe(objective, values, config.name)
     best_yaml = write_best_yaml(best_config, folder / "best.yaml", best, plan)
-    comparison = confirm(best_config, tune.confirm_seeds, folder, data, overwrite, progress, echo)
-    report = write_tune_report(folder, config, space, study, reference, best, comparison, plan,
+    confirmation = confirm(best_config, pinned.student, tune.confirm_seeds, folder, data, overwrite, progress, echo)
+    report = write_tune_report(folder, config, space, study, reference, best, confirmation, plan,
                                time.perf_counter() - started)
-    return TuneResult(folder, study, values, best_config, best_yaml, reference, comparison, report)
+    return TuneResult(folder, study, values, best_config, best_yaml, reference, confirmation, report)
 
 
 def study_plan(pinned: RunConfig, tune: TuneConfig, objective: Objective, folder: Path) -> StudyPlan:
@@ -117,16 +120,3 @@ def tuned_recipe(objective: Objective, values: dict[str, Value], name: str) -> R
     last = config.distill.stages[-1].train or config.student.train
     student = config.student.model_copy(update={"train": last})
     return config.model_copy(update={"name": f"{name}-tuned", "student": student})
-
-
-def confirm(best: RunConfig, seeds: int, folder: Path, data: DataStore, overwrite: bool, progress: bool,
-            echo: Callable[[str], None]) -> Comparison | None:
-    """The best recipe and the student alone, ``seeds`` seeds each, full training split, test split."""
-    if seeds == 0:
-        return None
-    runner = Runner(resume=True, overwrite=overwrite, progress=progress, echo=echo, data=data,
-                    folder_for=default_folder(folder / "confirm"))
-    label = f"{'+'.join(s.method.name for s in best.distill.stages)} (best)"
-    teacher = recipe_runs(best).teacher if best.needs_teacher and best.teacher.checkpoint else None
-    return compare_contenders(best, [Contender(label, best)], [best.seed + i for i in range(seeds)], runner,
-                              teacher=teacher, check_teacher=not best.teaches_itself, echo=echo)

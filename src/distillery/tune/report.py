@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from optuna.importance import PedAnovaImportanceEvaluator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from distillery.compare import Comparison, comparison_dict, comparison_table, plot_forest  # noqa: E402
+from distillery.compare import comparison_dict, comparison_table, plot_forest  # noqa: E402
 from distillery.config import describe_model  # noqa: E402
 from distillery.fsio import atomic_write
 from distillery.recipe import RunConfig  # noqa: E402
 from distillery.report.plots import save_figure  # noqa: E402
 from distillery.stats import format_diff  # noqa: E402
 from distillery.train.cost import TeacherTime, teacher_time  # noqa: E402
+from distillery.tune.confirmation import Confirmation  # noqa: E402
 from distillery.tune.objective import Reference  # noqa: E402
 from distillery.tune.space import SearchSpace  # noqa: E402
 from distillery.tune.study import StudyPlan  # noqa: E402
@@ -141,8 +143,8 @@ def plot_importances(importances: dict[str, float], path: Path) -> Path:
 
 
 def write_tune_report(folder: Path, config: RunConfig, space: SearchSpace, study: optuna.Study,
-                      reference: Reference, best: FrozenTrial, comparison: Comparison | None, plan: StudyPlan,
-                      seconds: float) -> Path:
+                      reference: Reference, best: FrozenTrial, confirmation: Confirmation | None,
+                      plan: StudyPlan, seconds: float) -> Path:
     """report.md and results.json in ``folder`` (plots beside them)."""
     rows = trial_rows(study, space, reference.alone)
     spent = trials_teacher_time(study)
@@ -161,14 +163,14 @@ def write_tune_report(folder: Path, config: RunConfig, space: SearchSpace, study
              "## Plots\n", *[f"![{p.stem}]({p.name})\n" for p in plots]]
     if not isinstance(importances, dict):
         parts.append(f"Parameter importances: {importances}.\n")
-    parts += _confirmation_section(comparison, folder)
+    parts += _confirmation_section(confirmation, folder)
     report = folder / "report.md"
     atomic_write(report, "\n".join(parts))
     atomic_write(folder / "results.json", json.dumps({
         "study": plan.name, "storage": plan.url, "space": space.as_dict(), "trials": rows,
         "reference": {"teacher": reference.teacher, "alone": reference.alone, "warnings": list(reference.warnings)},
         "best": {"trial": best.number, "validation_accuracy": best.value, "values": best.params},
-        "importances": importances, "confirmation": None if comparison is None else comparison_dict(comparison),
+        "importances": importances, **_confirmation_dict(confirmation),
         "teacher_time": spent.as_dict(),
         "seconds": seconds}, indent=2))
     return report
@@ -210,15 +212,35 @@ def _trials_note(space: SearchSpace, reference: Reference) -> str:
     return note + "\n"
 
 
-def _confirmation_section(comparison: Comparison | None, folder: Path) -> list[str]:
-    if comparison is None:
+def _confirmation_section(confirmation: Confirmation | None, folder: Path) -> list[str]:
+    if confirmation is None:
         return ["## Confirmation\n", "Skipped (tune.confirm_seeds: 0).\n"]
-    result = comparison.results[0]
-    forest = plot_forest(comparison.results, folder / "confirmation.png", "best parameters against the student alone")
+    same, recipe = confirmation.same_settings, confirmation.recipe_settings
+    differences = [replace(same.results[0], label="vs alone, best's training settings")]
     lines = ["## Confirmation on the test split\n",
              f"The best parameters and the student alone (with the same training settings), seeds "
-             f"{', '.join(map(str, comparison.seeds))}, on the full training split: best minus alone "
-             f"{format_diff(result.difference)} points (95 % interval of the paired differences): "
-             f"**{result.outcome}**.\n", comparison_table(comparison), f"![confirmation]({forest.name})\n"]
-    lines += [f"- **Warning:** {w}" for w in comparison.warnings]
+             f"{', '.join(map(str, same.seeds))}, on the full training split: best minus alone "
+             f"{format_diff(same.results[0].difference)} points (95 % interval of the paired differences): "
+             f"**{same.results[0].outcome}**.\n", comparison_table(same)]
+    if recipe is not None:
+        differences.append(replace(recipe.results[0], label="vs alone, recipe's training settings"))
+        lines += ["The search also set training settings, which can suit distillation and not the student "
+                  "alone; so the student alone again, with the recipe's own training settings: best minus "
+                  f"alone {format_diff(recipe.results[0].difference)} points: **{recipe.results[0].outcome}**.\n",
+                  comparison_table(recipe)]
+    forest = plot_forest(differences, folder / "confirmation.png", "best parameters against the student alone")
+    lines += [f"**Verdict: {confirmation.verdict}**"
+              + (" (the weaker of the two)." if recipe is not None else ".") + "\n",
+              f"![confirmation]({forest.name})\n"]
+    lines += [f"- **Warning:** {w}" for c in confirmation.comparisons for w in c.warnings]
     return [*lines, ""]
+
+
+def _confirmation_dict(confirmation: Confirmation | None) -> dict[str, Any]:
+    """results.json's confirmation keys: each comparison, and the verdict (the weaker outcome)."""
+    if confirmation is None:
+        return {"confirmation": None, "confirmation_recipe_settings": None, "verdict": None}
+    recipe = confirmation.recipe_settings
+    return {"confirmation": comparison_dict(confirmation.same_settings),
+            "confirmation_recipe_settings": None if recipe is None else comparison_dict(recipe),
+            "verdict": confirmation.verdict}

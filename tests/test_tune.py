@@ -68,6 +68,7 @@ def test_tune_command_end_to_end_and_best_yaml_reproduces_the_best_trial(tiny: l
     folder = tmp_path / "runs" / "tiny" / "tune-hinton"
     results = json.loads((folder / "results.json").read_text())
     assert len(results["trials"]) == 3 and all(t["state"] == "done" for t in results["trials"])
+    assert all(t["seconds"] > 0 for t in results["trials"])
     best = results["best"]
     assert best["validation_accuracy"] == max(t["validation_accuracy"] for t in results["trials"])
     assert results["confirmation"]["contenders"][0]["outcome"] in ("gain confirmed", "no reliable gain", "loss")

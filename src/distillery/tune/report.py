@@ -59,7 +59,8 @@ def write_best_yaml(config: RunConfig, path: Path, best: FrozenTrial, plan: Stud
 
 
 def trial_rows(study: optuna.Study, space: SearchSpace, alone: float) -> list[dict[str, Any]]:
-    """One row per trial: number, state, validation accuracy (%), minus the student alone, epochs, values."""
+    """One row per trial: number, state, validation accuracy (%), minus the student alone, epochs,
+    seconds from its start to its end (None while running), values."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         value = trial.value if trial.state == TrialState.COMPLETE else None
@@ -68,8 +69,15 @@ def trial_rows(study: optuna.Study, space: SearchSpace, alone: float) -> list[di
         rows.append({"trial": trial.number, "state": state, "validation_accuracy": value,
                      "minus_alone_points": None if value is None else 100 * (value - alone),
                      "epochs": len(trial.intermediate_values), "run_dir": trial.user_attrs.get("run_dir"),
+                     "seconds": _duration(trial),
                      "values": {d.name: trial.params.get(d.name) for d in space.dimensions}})
     return rows
+
+
+def _duration(trial: FrozenTrial) -> float | None:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def trials_table(rows: Sequence[dict[str, Any]], space: SearchSpace) -> str:
@@ -195,7 +203,8 @@ def _header(config: RunConfig, plan: StudyPlan, reference: Reference, rows: Sequ
              f"TPE sampler, seed {tune.seed}, {tune.startup_trials} random trials first; pruner {tune.pruner.name}. "
              f"Study {plan.name!r} in {plan.url}.",
              f"- On the validation split: {teacher}student alone {100 * reference.alone:.2f} %.",
-             f"- This invocation: {seconds / 60:.1f} min.",
+             f"- The trials took {sum(r['seconds'] or 0 for r in rows) / 60:.1f} min in all (each from its start "
+             f"to its end, summed over any reruns); this invocation {seconds / 60:.1f} min.",
              f"- Teacher time of the search {spent.describe()}."]
     lines += [f"- **Warning:** {w}" for w in reference.warnings]
     return lines

@@ -338,7 +338,7 @@ def plot_forest(results: Sequence[ContenderResult], path: Path, title: str) -> P
     colours = {"gain confirmed": "#2a7", "loss": "#c33"}
     return report_plots.plot_forest(
         [r.label for r in results], [r.difference for r in results], [colours.get(r.outcome, "#888") for r in results],
-        path, title, "test accuracy minus the student alone (points; 95 % CI; green: gain confirmed, red: loss)")
+        path, title, "test accuracy − student alone, points (95 % CI; green gain, red loss)")
 
 
 def comparison_dict(comparison: Comparison) -> dict[str, Any]:

@@ -18,10 +18,10 @@ PAPER_SOFT_TARGETS = {"temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1}
 class SoftTargetParams(MethodParams):
     """Parameters of the soft-target methods (hinton, ensemble, tfkd_self).
 
-    The defaults are the values ``distillery tune`` found best across the committed pairs
-    (docs/results/tune/: the tuned T ranged 1.2–6.6 with median 2.5, the soft weight 0.40–0.74;
-    the paper's 0.9 lost accuracy in every Fashion-MNIST setting measured); ``preset: paper``
-    gives T = 4, 0.9 / 0.1."""
+    The defaults come from ``distillery tune`` on the committed pairs (docs/results/tune/: where
+    distillation paid the tuned soft weight was 0.30–0.42, and T mattered little once the weights
+    suited the pair; the paper's 0.9 lost accuracy in every Fashion-MNIST setting measured);
+    ``preset: paper`` gives T = 4, 0.9 / 0.1."""
 
     temperature: float = Field(2.5, gt=0, le=1000, description="T of the softened softmax, shared by teacher and "
                                                                "student (default from tune runs on three pairs; "

@@ -11,24 +11,17 @@ and to the shipped default, per pair, and the mean over pairs of the difference 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from distillery.stats import format_diff, paired_difference
+from distillery.stats import PairedDifference, format_diff, paired_difference
 
 HERE = Path(__file__).parent
-KEPT = ("report.md", "results.json", "forest.png")
+sys.path.insert(0, str(HERE.parent))
+from collect import copy_reports  # noqa: E402  (the tune folder's script, beside this folder)
+
 DEFAULT = "hinton"
-
-
-def copy_reports(root: Path) -> None:
-    """The reports of ``root/<pair>/`` copied into ``HERE/<pair>/`` for every pair folder here."""
-    for pair in sorted(p for p in HERE.iterdir() if p.is_dir()):
-        for name in KEPT:
-            if (root / pair.name / name).exists():
-                shutil.copyfile(root / pair.name / name, pair / name)
 
 
 def accuracies(rows: list[dict]) -> list[float]:
@@ -37,19 +30,21 @@ def accuracies(rows: list[dict]) -> list[float]:
 
 
 def pair_rows(results: dict) -> list[tuple[str, str, str, float]]:
-    """(label, Δ vs alone, Δ vs the shipped default, mean Δ vs alone) for each contender of one pair."""
-    alone = accuracies(results["student_alone"])
-    by_label = {c["label"]: accuracies(c["seeds"]) for c in results["contenders"]}
+    """(label, Δ vs alone, Δ vs the shipped default, mean Δ vs alone) for each contender of one pair;
+    Δ vs alone is compare's own, Δ vs the default is paired by seed here."""
+    default = next(accuracies(c["seeds"]) for c in results["contenders"] if c["label"] == DEFAULT)
     rows = []
-    for label, acc in by_label.items():
-        vs_alone = paired_difference(acc, alone)
-        vs_default = "—" if label == DEFAULT else format_diff(paired_difference(acc, by_label[DEFAULT]))
-        rows.append((label, format_diff(vs_alone), vs_default, vs_alone.mean))
+    for contender in results["contenders"]:
+        vs_alone = PairedDifference(**contender["difference_points"])
+        vs_default = ("—" if contender["label"] == DEFAULT
+                      else format_diff(paired_difference(accuracies(contender["seeds"]), default)))
+        rows.append((contender["label"], format_diff(vs_alone), vs_default, vs_alone.mean))
     return rows
 
 
 def main(root: Path) -> None:
-    copy_reports(root)
+    for pair in sorted(p for p in HERE.iterdir() if p.is_dir()):
+        copy_reports(root / pair.name, pair)
     print("| pair | run | Δ vs alone, points [95 % CI] | Δ vs default (0.5 / 0.5) [95 % CI] |")
     print("|---|---|---|---|")
     per_label: dict[str, list[float]] = {}

@@ -18,17 +18,17 @@ PAPER_SOFT_TARGETS = {"temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1}
 class SoftTargetParams(MethodParams):
     """Parameters of the soft-target methods (hinton, ensemble, tfkd_self).
 
-    The defaults come from ``distillery tune`` on four committed pairs and a ten-seed comparison of
-    soft weights 0.3 / 0.4 / 0.5 and the paper's values on all four (docs/results/tune/README.md:
-    0.4 and 0.5 level, 0.3 below, the paper's 0.9 below the default on every pair); ``preset:
-    paper`` gives T = 4, 0.9 / 0.1."""
+    The defaults come from ``distillery tune`` on four committed pairs and a ten-seed comparison on
+    them of soft weights 0.4 / 0.5 and the paper's values (all four pairs) and 0.3 (three)
+    (docs/results/tune/README.md: 0.4 and 0.5 level, 0.3 below, the paper's 0.9 below the default
+    on every pair); ``preset: paper`` gives T = 4, 0.9 / 0.1."""
 
     temperature: float = Field(2.5, gt=0, le=1000, description="T of the softened softmax, shared by teacher and "
                                                                "student (default from tune runs on four pairs; "
                                                                "preset paper: 4)")
     kd_weight: float = Field(0.5, ge=0, le=1, description="weight of the soft term T²·KL(q_t ‖ q_s) (Hinton's α; "
-                                                          "default level with 0.4 and above 0.3 and 0.9 over "
-                                                          "ten seeds on four pairs, docs/results/tune/; "
+                                                          "default: level with 0.4, above 0.3 and 0.9, ten "
+                                                          "seeds per pair, docs/results/tune/; "
                                                           "preset paper: 0.9)")
     ce_weight: float = Field(0.5, ge=0, le=1, description="weight of the hard-label cross-entropy (1 − α; "
                                                           "preset paper: 0.1)")
